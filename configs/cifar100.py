@@ -1,0 +1,58 @@
+"""The Keras example's Perceiver on CIFAR-100, hyperparameters unchanged.
+
+Command:
+  python main.py --config=configs/cifar100.py --workdir=/tmp/perceiver_cifar100
+
+Expected result (the Keras example's log on one V100): early stopping after
+epoch 45 (best val_loss at epoch 30), test top-1 52.6% and top-5 80.9%.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  """Returns the seed's configuration."""
+  config = ml_collections.ConfigDict()
+
+  # Data.
+  config.dataset = 'cifar100'
+  config.tfds_data_dir = config_dict.placeholder(str)
+  config.validation_split = 0.1
+  # Use tfds mock data (random images, no download); for smoke runs and tests.
+  config.mock_data = False
+  config.mock_num_examples = 0
+
+  # Optimisation (LAMB, as in the seed).
+  config.learning_rate = 0.001
+  config.weight_decay = 0.0001
+  config.batch_size = 64
+  config.num_epochs = 50
+  config.seed = 0
+
+  # Model.
+  config.dropout_rate = 0.2
+  config.attention_dropout_rate = 0.1
+  config.image_size = 64  # Input images are resized to this size.
+  config.patch_size = 2
+  config.latent_dim = 256
+  config.projection_dim = 256
+  config.num_heads = 8
+  config.ffn_units = (256, 256)
+  config.num_transformer_blocks = 4
+  config.num_iterations = 2
+  # Hidden widths of the classifier head; its output width is the class count.
+  config.classifier_units = (256,)
+
+  # Keras ReduceLROnPlateau(monitor='val_loss', factor=0.2, patience=3).
+  config.plateau = ml_collections.ConfigDict(
+      dict(factor=0.2, patience=3, min_delta=1e-4, cooldown=0, min_lr=0.0))
+  # Keras EarlyStopping(monitor='val_loss', patience=15,
+  # restore_best_weights=True); Keras' default min_delta for it is 0.
+  config.early_stopping = ml_collections.ConfigDict(
+      dict(patience=15, min_delta=0.0, restore_best_weights=True))
+
+  # Checkpointing and logging.
+  config.checkpoint_max_to_keep = 3
+  config.log_every_steps = 50
+  return config
