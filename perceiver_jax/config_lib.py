@@ -1,0 +1,102 @@
+"""Checks a ConfigDict before anything is loaded or compiled.
+
+Every problem is reported at once, each naming the field and how to fix it,
+so a typo on the command line costs seconds rather than a compile.
+"""
+
+import numbers
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work."""
+
+
+def _is_int(v):
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v):
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def config_problems(config):
+  """Returns a list of human-readable problems; empty when the config is valid."""
+  problems = []
+
+  def get(name):
+    node = config
+    for part in name.split('.'):
+      if part not in node:
+        problems.append(f'config.{name} is missing; start from '
+                        'configs/cifar100.py, which defines every field.')
+        return None
+      node = node[part]
+    return node
+
+  def need(name, ok, requirement, fix=None):
+    value = get(name)
+    if value is None and name != 'tfds_data_dir':
+      return None
+    if not ok(value):
+      fix = fix or f'pass e.g. --config.{name}=<{requirement}>'
+      problems.append(f'config.{name}={value!r} must be {requirement}; {fix}.')
+    return value
+
+  for name in ('batch_size', 'num_epochs', 'image_size', 'patch_size',
+               'latent_dim', 'projection_dim', 'num_heads',
+               'num_transformer_blocks', 'num_iterations',
+               'checkpoint_max_to_keep', 'log_every_steps'):
+    need(name, lambda v: _is_int(v) and v > 0, 'a positive integer')
+  need('seed', _is_int, 'an integer')
+  for name in ('ffn_units', 'classifier_units'):
+    need(name, lambda v: isinstance(v, (tuple, list)) and all(
+        _is_int(u) and u > 0 for u in v), 'a tuple of positive integers',
+         f'pass e.g. --config.{name}="(256,256)"')
+  ffn = get('ffn_units')
+  if isinstance(ffn, (tuple, list)):
+    if not ffn:
+      problems.append('config.ffn_units must not be empty; pass e.g. '
+                      '--config.ffn_units="(256,256)".')
+    elif ffn[-1] != config.get('projection_dim'):
+      problems.append(
+          f'config.ffn_units={tuple(ffn)!r} must end with projection_dim '
+          f'({config.get("projection_dim")}) because the FFN output is added '
+          'back to its input; set its last entry to config.projection_dim.')
+  image_size, patch_size = get('image_size'), get('patch_size')
+  if (_is_int(image_size) and _is_int(patch_size) and patch_size > 0
+      and image_size % patch_size):
+    problems.append(
+        f'config.image_size={image_size} is not divisible by '
+        f'config.patch_size={patch_size}; images are cut into non-overlapping '
+        'patches, so choose e.g. image_size='
+        f'{max(patch_size, image_size // patch_size * patch_size)}.')
+  need('learning_rate', lambda v: _is_number(v) and v > 0, 'a positive number')
+  need('weight_decay', lambda v: _is_number(v) and v >= 0,
+       'a non-negative number')
+  for name in ('dropout_rate', 'attention_dropout_rate'):
+    need(name, lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)')
+  need('validation_split', lambda v: _is_number(v) and 0 < v < 1,
+       'strictly between 0 and 1 (the held-out fraction of tfds "train")')
+  need('dataset', lambda v: isinstance(v, str) and v.strip(),
+       'a tfds dataset name', 'e.g. --config.dataset=cifar100')
+  need('tfds_data_dir', lambda v: v is None or (isinstance(v, str) and v),
+       'a directory path or unset')
+  need('plateau.factor', lambda v: _is_number(v) and 0 < v < 1, 'in (0, 1)')
+  for name in ('plateau.patience', 'plateau.cooldown',
+               'early_stopping.patience'):
+    need(name, lambda v: _is_int(v) and v >= 0, 'a non-negative integer')
+  for name in ('plateau.min_delta', 'plateau.min_lr',
+               'early_stopping.min_delta'):
+    need(name, lambda v: _is_number(v) and v >= 0, 'a non-negative number')
+  if get('mock_data'):
+    need('mock_num_examples', lambda v: _is_int(v) and v > 0,
+         'a positive integer when config.mock_data is True')
+  return problems
+
+
+def validate(config):
+  """Raises ConfigError listing every problem with `config`."""
+  problems = config_problems(config)
+  if problems:
+    raise ConfigError('Invalid configuration:\n  - ' + '\n  - '.join(problems))
+  return config

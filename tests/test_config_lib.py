@@ -1,0 +1,85 @@
+"""Config validation: every bad value is named with its fix before any compile."""
+
+import pytest
+
+from configs import cifar100
+from configs import fake_data
+from perceiver_jax import config_lib
+
+
+@pytest.mark.parametrize('get_config', [cifar100.get_config,
+                                        fake_data.get_config])
+def test_shipped_configs_are_valid(get_config):
+  assert not config_lib.config_problems(get_config())
+
+
+def test_seed_hyperparameters():
+  c = cifar100.get_config()
+  assert (c.learning_rate, c.weight_decay, c.batch_size, c.num_epochs) == (
+      0.001, 0.0001, 64, 50)
+  assert (c.dropout_rate, c.image_size, c.patch_size, c.latent_dim,
+          c.projection_dim, c.num_heads) == (0.2, 64, 2, 256, 256, 8)
+  assert tuple(c.ffn_units) == (256, 256) and tuple(c.classifier_units) == (
+      256,)
+  assert (c.num_transformer_blocks, c.num_iterations) == (4, 2)
+  assert (c.dataset, c.validation_split) == ('cifar100', 0.1)
+  assert (c.plateau.factor, c.plateau.patience) == (0.2, 3)
+  assert c.early_stopping.patience == 15
+
+
+BAD = [
+    ('image_size', 31, 'config.image_size=31 is not divisible by '
+     'config.patch_size=2'),
+    ('patch_size', 0, 'config.patch_size=0 must be a positive integer'),
+    ('batch_size', -8, 'config.batch_size=-8 must be a positive integer'),
+    ('num_epochs', 0, 'config.num_epochs=0 must be a positive integer'),
+    ('latent_dim', 0, 'config.latent_dim=0 must be a positive integer'),
+    ('num_heads', -1, 'config.num_heads=-1 must be a positive integer'),
+    ('num_iterations', 0, 'config.num_iterations=0'),
+    ('validation_split', 0.0, 'config.validation_split=0.0 must be strictly '
+     'between 0 and 1'),
+    ('validation_split', 1.5, 'config.validation_split=1.5'),
+    ('learning_rate', 0.0, 'config.learning_rate=0.0 must be a positive'),
+    ('weight_decay', -1e-4, 'config.weight_decay=-0.0001 must be a non-neg'),
+    ('dropout_rate', 1.0, 'config.dropout_rate=1.0 must be in [0, 1)'),
+    ('ffn_units', (256, 128), 'must end with projection_dim (256)'),
+    ('ffn_units', (256, -1), 'config.ffn_units=(256, -1) must be a tuple of '
+     'positive integers'),
+    ('classifier_units', (0,), 'config.classifier_units=(0,)'),
+    ('dataset', '', "config.dataset='' must be a tfds dataset name"),
+    ('plateau.factor', 1.0, 'config.plateau.factor=1.0 must be in (0, 1)'),
+    ('plateau.patience', -1, 'config.plateau.patience=-1 must be a non-neg'),
+    ('early_stopping.patience', -2, 'config.early_stopping.patience=-2'),
+    ('checkpoint_max_to_keep', 0, 'config.checkpoint_max_to_keep=0'),
+]
+
+
+@pytest.mark.parametrize('field,value,message', BAD)
+def test_bad_values_are_named(field, value, message):
+  config = cifar100.get_config()
+  node = config
+  *parents, leaf = field.split('.')
+  for p in parents:
+    node = node[p]
+  with node.unlocked():
+    node[leaf] = value
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert message in str(e.value)
+
+
+def test_all_problems_reported_at_once():
+  config = cifar100.get_config()
+  config.patch_size = 3
+  config.num_heads = 0
+  problems = config_lib.config_problems(config)
+  assert len(problems) == 2
+
+
+def test_missing_field_and_mock_examples():
+  config = cifar100.get_config()
+  del config['seed']
+  config.mock_data = True
+  problems = '\n'.join(config_lib.config_problems(config))
+  assert 'config.seed is missing' in problems
+  assert 'config.mock_num_examples=0 must be a positive integer' in problems
