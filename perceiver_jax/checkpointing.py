@@ -1,0 +1,79 @@
+"""Orbax checkpoints: atomic saves, the latest few plus the best, exact resume.
+
+A checkpoint holds two items: `state` (step, parameters and optimiser state,
+learning rate included, saved as sharded arrays) and `meta` (JSON: epoch,
+plateau and early-stopping state, the metric history, partial-epoch metric
+sums). The data order and every random key derive from (seed, step), so these
+two items are all a resumed run needs to continue exactly.
+
+Orbax writes each step into a temporary directory and renames it when
+complete, so a crash mid-write never leaves a checkpoint that looks valid.
+"""
+
+import json
+import logging
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+BEST_MARKER = 'best_epoch'
+
+
+def create_manager(directory, *, max_to_keep):
+  """Keeps the latest `max_to_keep` checkpoints and the early-stopping best.
+
+  Epoch-end saves carry the metric `best_epoch` (the early-stopping best so
+  far); the checkpoint where it is highest is the best one, which matches
+  Keras' EarlyStopping (min_delta included) rather than the raw val_loss.
+  """
+  preservation = policies.AnyPreservationPolicy([
+      policies.LatestN(max_to_keep),
+      policies.BestN(get_metric_fn=lambda m: m[BEST_MARKER], n=1,
+                     keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=preservation, create=True,
+      enable_async_checkpointing=True)
+  return ocp.CheckpointManager(directory, options=options,
+                               item_names=('state', 'meta'))
+
+
+def save(manager, step, state, meta, *, best_epoch=None):
+  """Starts an (asynchronous) save; `best_epoch` marks an epoch-end save."""
+  metrics = None if best_epoch is None else {BEST_MARKER: float(best_epoch)}
+  meta = json.loads(json.dumps(meta))  # A snapshot: the save is asynchronous.
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+               metrics=metrics, force=True)
+
+
+def restore(manager, step, abstract_state):
+  """Restores `(state, meta)` of `step` into the shardings of `abstract_state`."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      meta=ocp.args.JsonRestore()))
+  return restored['state'], restored['meta']
+
+
+def restore_latest(manager, abstract_state):
+  """The newest checkpoint that restores, or None when there is none.
+
+  A checkpoint that fails to restore (truncated or corrupted files) is
+  reported by name and the next older one is tried, so a damaged latest
+  checkpoint costs only the work since the one before it.
+  """
+  manager.reload()
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore(manager, step, abstract_state)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Checkpoint %s/%d is unreadable (%s: %s); trying the '
+                      'previous one.', manager.directory, step,
+                      type(e).__name__, e)
+  return None
+
+
+def abstract(tree):
+  """Shape, dtype and sharding of every leaf, as orbax restore targets."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

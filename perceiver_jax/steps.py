@@ -1,0 +1,126 @@
+"""Train state, optimiser and the jitted train and eval steps.
+
+Importable without tensorflow, so benchmarks and accelerator checks can run
+where only JAX is installed. The steps take raw uint8 batches; normalisation
+and augmentation run inside the step (see `augment.py`), keyed by
+`fold_in(key(seed), step)`, so a run is reproducible from (seed, step) alone.
+"""
+
+import functools
+
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import optax
+
+from perceiver_jax import augment
+from perceiver_jax import sharding as sharding_lib
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState; the optimiser carries the learning rate as a hyperparam."""
+
+
+def create_optimizer(config):
+  """LAMB as in the seed (tfa LAMB defaults match optax's: b1 .9, b2 .999, eps 1e-6).
+
+  `inject_hyperparams` keeps the learning rate in the optimiser state, so the
+  plateau controller can change it between epochs without recompiling and it
+  is saved with every checkpoint.
+  """
+  return optax.inject_hyperparams(optax.lamb)(
+      learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def step_rngs(seed, step):
+  """(augmentation, dropout) keys of one step: a pure function of seed, step."""
+  rng = jax.random.fold_in(jax.random.key(seed), step)
+  return jax.random.split(rng)
+
+
+def create_train_state(config, model, image_shape, mesh, rules=()):
+  """Initialises parameters and optimiser state directly in their shardings."""
+  tx = create_optimizer(config)
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+
+  def init():
+    params = model.init({'params': jax.random.key(config.seed)}, dummy,
+                        train=False)['params']
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  abstract = jax.eval_shape(init)
+  shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
+  return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def _metric_sums(logits, labels, mask):
+  """Per-batch sums (not means), so partial and padded batches add up exactly."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  k = min(5, logits.shape[-1])
+  top_k = jax.lax.top_k(logits, k)[1]
+  correct = top_k == labels[:, None]
+  mask = mask.astype(jnp.float32)
+  return {
+      'loss': jnp.sum(losses * mask),
+      'accuracy': jnp.sum(correct[:, 0] * mask),
+      'top5_accuracy': jnp.sum(jnp.any(correct, axis=-1) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+def set_learning_rate(state, learning_rate):
+  """Returns `state` with the optimiser's injected learning rate replaced."""
+  hyperparams = state.opt_state.hyperparams
+  hyperparams = dict(hyperparams, learning_rate=jnp.asarray(
+      learning_rate, hyperparams['learning_rate'].dtype))
+  return state.replace(
+      opt_state=state.opt_state._replace(hyperparams=hyperparams))
+
+
+def train_step(state, batch, learning_rate, *, config, stats):
+  """One LAMB step on a global batch; returns the new state and metric sums."""
+  aug_rng, dropout_rng = step_rngs(config.seed, state.step)
+  images = augment.preprocess_train(aug_rng, batch['image'], stats['mean'],
+                                    stats['variance'], config.image_size)
+  labels = batch['label']
+
+  def loss_fn(params):
+    logits = state.apply_fn({'params': params}, images, train=True,
+                            rngs={'dropout': dropout_rng})
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.mean(loss), logits
+
+  grads, logits = jax.grad(loss_fn, has_aux=True)(state.params)
+  state = set_learning_rate(state, learning_rate).apply_gradients(grads=grads)
+  metrics = _metric_sums(logits, labels, jnp.ones_like(labels))
+  metrics['grad_norm'] = optax.global_norm(grads)
+  return state, metrics
+
+
+def eval_step(state, batch, *, config, stats):
+  """Metric sums over the real (mask 1) examples of a padded eval batch."""
+  images = augment.preprocess_eval(batch['image'], stats['mean'],
+                                   stats['variance'], config.image_size)
+  logits = state.apply_fn({'params': state.params}, images, train=False)
+  return _metric_sums(logits, batch['label'], batch['mask'])
+
+
+def jit_steps(config, stats, mesh, state_shardings):
+  """Jitted, sharded train and eval steps; the train step donates its state."""
+  stats = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), stats)
+  batch = sharding_lib.data_sharding(mesh)
+  repl = sharding_lib.replicated(mesh)
+  train = jax.jit(
+      functools.partial(train_step, config=config, stats=stats),
+      in_shardings=(state_shardings, batch, repl),
+      out_shardings=(state_shardings, repl),
+      donate_argnums=(0,))
+  evaluate = jax.jit(
+      functools.partial(eval_step, config=config, stats=stats),
+      in_shardings=(state_shardings, batch), out_shardings=repl)
+  return train, evaluate
+
+
+def count_params(params):
+  return sum(x.size for x in jax.tree.leaves(params))
+

@@ -1,0 +1,227 @@
+"""Training loop: `train_and_evaluate(config, workdir)` runs a whole experiment.
+
+Per epoch: train on the training split, evaluate on validation, apply Keras
+ReduceLROnPlateau and EarlyStopping, checkpoint, write the history. At the
+end the best weights are evaluated on the test split and printed the way the
+Keras example prints them. Rerunning with the same workdir resumes from the
+latest checkpoint at the next batch.
+"""
+
+import json
+import logging
+
+from etils import epath
+import jax
+import numpy as np
+
+from perceiver_jax import callbacks
+from perceiver_jax import checkpointing
+from perceiver_jax import config_lib
+from perceiver_jax import input_pipeline
+from perceiver_jax import metrics as metrics_lib
+from perceiver_jax import model as model_lib
+from perceiver_jax import sharding as sharding_lib
+from perceiver_jax import steps
+
+
+def prepare_workdir(workdir):
+  """Creates the workdir and proves it writable before any heavy work."""
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write_test_{jax.process_index()}'
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(
+        f'--workdir={workdir} is not a writable directory ({e.strerror or e}); '
+        'pass a path you can write to, e.g. --workdir=/tmp/perceiver_run.'
+    ) from e
+  return path
+
+
+def normalization_stats(workdir, pipeline):
+  """Per-channel mean and variance of the training split, computed once.
+
+  Saved in the workdir so a resumed run normalises exactly as before.
+  """
+  path = workdir / 'normalization.json'
+  if path.exists():
+    stats = json.loads(path.read_text())
+  else:
+    stats = {k: np.asarray(v, np.float64).tolist()
+             for k, v in pipeline.normalization_stats().items()}
+    metrics_lib.write_json(path, stats)
+  return {k: np.asarray(v, np.float32) for k, v in stats.items()}
+
+
+def evaluate(eval_step, state, pipeline, split, mesh):
+  """Means over every example of `split`; checks that each counted once."""
+  sums = metrics_lib.MetricSums()
+  for batch in pipeline.eval_batches(split):
+    sums.add(eval_step(state, sharding_lib.global_batch(mesh, batch)))
+  means = sums.means()
+  expected = getattr(pipeline, f'num_{split}_examples')
+  if int(sums.sums['count']) != expected:
+    raise RuntimeError(f'Evaluated {sums.sums["count"]} {split} examples, '
+                       f'expected {expected}.')
+  return means
+
+
+def initial_meta(config):
+  return {
+      'epoch': 0,  # Completed epochs (validation done, checkpoint saved).
+      'epoch_sums': None,  # Train metric sums of a partly done epoch.
+      'plateau': callbacks.to_dict(
+          callbacks.plateau_init(config.learning_rate)),
+      'early_stopping': callbacks.to_dict(callbacks.EarlyStoppingState()),
+      'best_step': None,
+      'history': [],
+  }
+
+
+def _epoch_record(epoch, lr, train, val):
+  record = {'epoch': epoch, 'learning_rate': lr}
+  record.update({f'train_{k}': v for k, v in train.items()})
+  record.update({f'val_{k}': v for k, v in val.items()})
+  return record
+
+
+class Experiment:
+  """Everything built from (config, workdir) before the first step runs."""
+
+  def __init__(self, config, workdir):
+    config_lib.validate(config)
+    self.config = config
+    self.workdir = prepare_workdir(workdir)
+    self.info = input_pipeline.get_dataset_info(config)
+    self.mesh = sharding_lib.create_mesh()
+    sharding_lib.check_batch_size(config.batch_size, self.mesh)
+    metrics_lib.write_json(self.workdir / 'config.json', config.to_dict())
+    input_pipeline.prepare(config)
+    self.pipeline = input_pipeline.Pipeline(
+        config, num_shards=self.mesh.devices.size,
+        shard_indices=sharding_lib.local_shard_indices(self.mesh))
+    self.stats = normalization_stats(self.workdir, self.pipeline)
+    self.model = model_lib.create_model(config, self.info.num_classes)
+    image_shape = (config.image_size, config.image_size, self.info.channels)
+    self.state, self.state_shardings = steps.create_train_state(
+        config, self.model, image_shape, self.mesh)
+    self.train_step, self.eval_step = steps.jit_steps(
+        config, self.stats, self.mesh, self.state_shardings)
+    self.manager = checkpointing.create_manager(
+        (self.workdir / 'checkpoints').resolve(),
+        max_to_keep=config.checkpoint_max_to_keep)
+    self.writer = metrics_lib.SummaryWriter(str(self.workdir / 'tensorboard'))
+
+
+def train_and_evaluate(config, workdir):
+  """Trains, validates every epoch, and returns the final test metrics."""
+  ex = Experiment(config, workdir)
+  config, pipeline, mesh = ex.config, ex.pipeline, ex.mesh
+  logging.info('Dataset %s: %d train / %d validation / %d test examples, '
+               '%d classes; %d devices, %d steps per epoch; %d parameters.',
+               ex.info.name, pipeline.num_train_examples,
+               pipeline.num_validation_examples, pipeline.num_test_examples,
+               ex.info.num_classes, mesh.devices.size,
+               pipeline.steps_per_epoch, steps.count_params(ex.state.params))
+
+  state, meta = ex.state, initial_meta(config)
+  restored = checkpointing.restore_latest(
+      ex.manager, checkpointing.abstract(state))
+  if restored is not None:
+    state, meta = restored
+    logging.info('Resuming from step %d (epoch %d done).', int(state.step),
+                 meta['epoch'])
+
+  state, meta = _train(ex, state, meta)
+  ex.manager.wait_until_finished()
+
+  best_step = meta['best_step']
+  es = callbacks.from_dict(callbacks.EarlyStoppingState,
+                           meta['early_stopping'])
+  if (config.early_stopping.restore_best_weights and best_step is not None
+      and best_step != int(state.step)):
+    state, _ = checkpointing.restore(ex.manager, best_step,
+                                     checkpointing.abstract(state))
+    logging.info('Restored the best weights (epoch %d, val_loss %.4f).',
+                 es.best_epoch, es.best)
+  test = evaluate(ex.eval_step, state, pipeline, 'test', mesh)
+  results = {'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
+             'test_top5_accuracy': test['top5_accuracy'],
+             'best_epoch': es.best_epoch, 'epochs_trained': meta['epoch']}
+  metrics_lib.write_json(ex.workdir / 'results.json', results)
+  ex.writer.scalars(int(state.step), {f'test/{k}': v for k, v in test.items()})
+  ex.writer.close()
+  ex.manager.close()
+  if metrics_lib.is_chief():
+    print(f'Test accuracy: {round(test["accuracy"] * 100, 2)}%')
+    print(f'Test top 5 accuracy: {round(test["top5_accuracy"] * 100, 2)}%')
+  return results
+
+
+def _train(ex, state, meta):
+  """Runs epochs from where `meta` says; returns the final state and meta."""
+  config, pipeline, mesh = ex.config, ex.pipeline, ex.mesh
+  spe = pipeline.steps_per_epoch
+  plateau = callbacks.from_dict(callbacks.PlateauState, meta['plateau'])
+  es = callbacks.from_dict(callbacks.EarlyStoppingState,
+                           meta['early_stopping'])
+  step = int(state.step)
+  for epoch in range(meta['epoch'], config.num_epochs):
+    if es.should_stop:
+      break
+    lr = plateau.learning_rate
+    sums = metrics_lib.MetricSums(meta['epoch_sums'])
+    first = step - epoch * spe
+    bar = metrics_lib.ProgressBar(epoch + 1, config.num_epochs, spe, first,
+                                  config.batch_size)
+    for s in range(first, spe):
+      batch = sharding_lib.global_batch(mesh, pipeline.train_batch(epoch, s))
+      state, step_metrics = ex.train_step(state, batch, lr)
+      sums.add(step_metrics)
+      step += 1
+      if (s + 1) % config.log_every_steps == 0 or s + 1 == spe:
+        running = sums.means()
+        bar.update(s + 1, running)
+        ex.writer.scalars(step, {'train/running_loss': running['loss']})
+    train_means = sums.means()
+    val = evaluate(ex.eval_step, state, pipeline, 'validation', mesh)
+    plateau = callbacks.plateau_update(plateau, val['loss'],
+                                       **config.plateau.to_dict())
+    es = callbacks.early_stopping_update(es, val['loss'], epoch + 1,
+                                         **_es_kwargs(config))
+    meta['history'].append(_epoch_record(epoch + 1, lr, train_means, val))
+    if es.best_epoch == epoch + 1:
+      meta['best_step'] = step
+    meta.update(epoch=epoch + 1, epoch_sums=None,
+                plateau=callbacks.to_dict(plateau),
+                early_stopping=callbacks.to_dict(es))
+    checkpointing.save(ex.manager, step, state, meta, best_epoch=es.best_epoch)
+    _write_epoch_outputs(ex, step, meta['history'])
+    bar.close(f"loss={train_means['loss']:.4f} acc={train_means['accuracy']:.4f}"
+              f" val_loss={val['loss']:.4f} val_acc={val['accuracy']:.4f}"
+              f" val_top5={val['top5_accuracy']:.4f} lr={lr:.3g}")
+    if plateau.learning_rate < lr:
+      logging.info('Epoch %d: ReduceLROnPlateau reducing learning rate to %g.',
+                   epoch + 1, plateau.learning_rate)
+    if es.should_stop:
+      logging.info('Epoch %d: early stopping (best epoch %d).', epoch + 1,
+                   es.best_epoch)
+  return state, meta
+
+
+def _es_kwargs(config):
+  return {k: v for k, v in config.early_stopping.to_dict().items()
+          if k != 'restore_best_weights'}
+
+
+def _write_epoch_outputs(ex, step, history):
+  metrics_lib.write_json(ex.workdir / 'history.json', history)
+  metrics_lib.plot_learning_curves(history,
+                                   ex.workdir / 'learning_curves.png')
+  scalars = {k.replace('_', '/', 1): v for k, v in history[-1].items()
+             if k.startswith(('train_', 'val_'))}
+  scalars['learning_rate'] = history[-1]['learning_rate']
+  ex.writer.scalars(step, scalars)
+
