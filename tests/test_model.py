@@ -1,0 +1,594 @@
+"""Tests for the Perceiver model against the Keras example it reproduces.
+
+The strongest check rebuilds the seed's Keras model with Keras 3 (its code,
+with layer names added), copies its perturbed weights into the Flax params
+and compares logits: that fixes patch order, weight sharing, the learned
+cross-attention scale and every residual's placement at once.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+
+import chex
+from configs import cifar100
+from configs import fake_data
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perceiver_jax import attention
+from perceiver_jax import model as model_lib
+from perceiver_jax.model import create_model
+
+NUM_CLASSES = 5
+# The model works with any key type. The tests use 'rbg' keys because XLA:CPU
+# compiles threefry (partitionable, jax's default) random bits several times
+# slower, which would dominate this file's runtime.
+key = functools.partial(jax.random.key, impl='rbg')
+
+
+def tiny_config(**overrides):
+  """Small enough for the Keras comparison; 2 blocks catch indexing bugs."""
+  config = fake_data.get_config()
+  config.update(dict(image_size=8, patch_size=2, latent_dim=4,
+                     projection_dim=8, num_heads=2, ffn_units=(8, 8),
+                     num_transformer_blocks=2, num_iterations=2,
+                     classifier_units=(8,)))
+  config.update(overrides)
+  return config
+
+
+def images_for(config, batch=3, channels=3, seed=0):
+  shape = (batch, config.image_size, config.image_size, channels)
+  return jnp.asarray(np.random.RandomState(seed).normal(size=shape),
+                     jnp.float32)
+
+
+def init(model, images):
+  return jax.jit(functools.partial(model.init, train=False))(
+      key(0), images)
+
+
+def jitted_apply(model):
+  return jax.jit(model.apply, static_argnames='train')
+
+
+@functools.lru_cache(maxsize=None)
+def tiny():
+  """(model, images, variables, jitted apply) shared to save compilations."""
+  config = tiny_config()
+  model = create_model(config, NUM_CLASSES)
+  images = images_for(config)
+  return model, images, init(model, images), jitted_apply(model)
+
+
+@functools.lru_cache(maxsize=None)
+def fake():
+  """The smoke-run config (d=16, 2 heads, 8 latents), initialised."""
+  config = fake_data.get_config()
+  model = create_model(config, 100)
+  images = images_for(config, batch=2)
+  return config, model, images, init(model, images)
+
+
+def count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def keras_param_count(config, num_classes, channels=3):
+  """The Keras example's trainable parameters, layer by layer."""
+  d = config.projection_dim
+  num_patches = (config.image_size // config.patch_size)**2
+  dense = lambda fan_in, units: fan_in * units + units
+  layer_norm = 2 * d  # gamma, beta
+
+  def ffn(units):
+    widths = (d,) + tuple(units)
+    return sum(dense(a, b) for a, b in zip(widths[:-1], widths[1:]))
+
+  latent_array = config.latent_dim * d
+  patch_encoder = dense(config.patch_size**2 * channels, d) + num_patches * d
+  # 2 input LNs, q/k/v Dense, Attention's scalar scale, LN, FFN.
+  cross_attention = (2 * layer_norm + 3 * dense(d, d) + 1 + layer_norm +
+                     ffn(config.ffn_units))
+  # MultiHeadAttention(key_dim=d): q/k/v kernels (d, h, d) + biases (h, d);
+  # output kernel (h, d, d) + bias (d,).
+  h = config.num_heads
+  mha = 3 * (d * h * d + h * d) + (h * d * d + d)
+  block = layer_norm + mha + layer_norm + ffn(config.ffn_units)
+  head = ffn(tuple(config.classifier_units) + (num_classes,))
+  return (latent_array + patch_encoder + cross_attention +
+          config.num_transformer_blocks * block + head)
+
+
+# --------------------------------------------------------------------------
+# Shapes, parameter count, initialisers.
+
+
+def test_output_shape_fake_data_config():
+  _, model, images, variables = fake()
+  logits = jitted_apply(model)(variables, images, train=False)
+  assert logits.shape == (2, 100)
+  assert logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+
+
+def test_cifar100_shapes_and_parameter_count_match_keras():
+  config = cifar100.get_config()
+  model = create_model(config, 100)
+  images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  variables = jax.eval_shape(
+      functools.partial(model.init, train=False), key(0), images)
+  logits = jax.eval_shape(functools.partial(model.apply, train=False),
+                          variables, images)
+  assert logits.shape == (2, 100)
+  assert set(variables) == {'params'}
+  assert count(variables) == keras_param_count(config, 100) == 9_697_637
+
+
+def test_parameter_tree_top_level():
+  params = tiny()[2]['params']
+  assert set(params) == {'patch_encoder', 'latent_array', 'cross_attention',
+                         'latent_transformer', 'classifier'}
+  assert set(params['latent_transformer']) == {'block_0', 'block_1'}
+  mha = params['latent_transformer']['block_0']['self_attention']
+  assert mha['query']['kernel'].shape == (8, 2, 8)
+  assert mha['query']['bias'].shape == (2, 8)
+  assert mha['output']['kernel'].shape == (2, 8, 8)
+  assert mha['output']['bias'].shape == (8,)
+
+
+def test_keras_default_initialisers():
+  config, _, _, variables = fake()
+  params = variables['params']
+  d, h = config.projection_dim, config.num_heads
+
+  def assert_glorot(kernel, fan_in, fan_out):
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    peak = np.abs(kernel).max()
+    assert 0.8 * limit < peak <= limit, (kernel.shape, peak, limit)
+
+  mha = params['latent_transformer']['block_0']['self_attention']
+  # Keras 3 EinsumDense fans (Keras 2 would give fan_in=h*d, fan_out=d*d).
+  for name in ('query', 'key', 'value'):
+    assert_glorot(mha[name]['kernel'], d, h * d)
+  assert_glorot(mha['output']['kernel'], h * d, d)
+  assert_glorot(params['classifier']['dense_1']['kernel'], 16, 100)
+  latent = params['latent_array']
+  assert 0.035 < np.std(latent) < 0.065 and abs(np.mean(latent)) < 0.015
+  position = params['patch_encoder']['position_embedding']
+  assert 0.04 < np.abs(position).max() <= 0.05
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(path)
+    assert leaf.dtype == jnp.float32
+    if name.endswith("['bias']"):
+      assert np.all(leaf == 0), name
+    if name.endswith("_norm']['scale']"):
+      assert np.all(leaf == 1), name
+  assert params['cross_attention']['attention']['scale'] == 1.0
+
+
+def test_weights_shared_across_iterations():
+  # (The Keras comparison below shows the shared weights are applied twice.)
+  trees = []
+  for iterations in (1, 2, 5):
+    config = tiny_config(num_iterations=iterations)
+    model = create_model(config, NUM_CLASSES)
+    trees.append(jax.eval_shape(
+        functools.partial(model.init, train=False), key(0),
+        images_for(config)))
+  assert count(trees[0]) == count(trees[1]) == count(trees[2])
+  chex.assert_trees_all_equal_shapes_and_dtypes(*trees)
+
+
+# --------------------------------------------------------------------------
+# Patches and the learned cross-attention scale.
+
+
+def test_extract_patches_row_major_row_col_channel():
+  images = np.random.RandomState(0).normal(size=(2, 6, 4, 5))
+  patches = model_lib.extract_patches(jnp.asarray(images), 2)
+  assert patches.shape == (2, 6, 20)
+  for b in range(2):
+    for i, (r, c) in enumerate((r, c) for r in range(3) for c in range(2)):
+      expected = images[b, 2 * r:2 * r + 2, 2 * c:2 * c + 2, :].reshape(-1)
+      np.testing.assert_allclose(patches[b, i], expected, rtol=1e-6)
+
+
+def test_cross_attention_learned_scale_multiplies_logits():
+  module = attention.CrossAttention(features=8)
+  rng = np.random.RandomState(1)
+  latents = jnp.asarray(rng.normal(size=(2, 4, 8)), jnp.float32)
+  data = jnp.asarray(rng.normal(size=(2, 16, 6)), jnp.float32)
+  params = module.init(key(0), latents, data,
+                       deterministic=True)['params']
+  assert params['scale'].shape == () and params['scale'] == 1.0
+  dense = lambda x, p: np.asarray(x) @ p['kernel'] + p['bias']
+  q = dense(latents, params['query'])
+  k = dense(data, params['key'])
+  v = dense(data, params['value'])
+  for scale in (0.0, 0.5, 1.0, 3.0):
+    out = module.apply({'params': {**params, 'scale': jnp.float32(scale)}},
+                       latents, data, deterministic=True)
+    logits = scale * np.einsum('bnd,bmd->bnm', q, k)  # not / sqrt(d)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, weights @ v, rtol=1e-5, atol=1e-5)
+    if scale == 0.0:  # Uniform attention: every latent reads the mean value.
+      np.testing.assert_allclose(
+          out, np.broadcast_to(v.mean(1, keepdims=True), out.shape),
+          rtol=1e-5, atol=1e-5)
+
+
+def test_model_output_depends_on_cross_attention_scale():
+  _, images, variables, apply = tiny()
+  changed = jax.tree.map(lambda x: x, variables)
+  changed['params']['cross_attention']['attention']['scale'] = jnp.float32(4.)
+  assert not np.allclose(apply(variables, images, train=False),
+                         apply(changed, images, train=False), atol=1e-4)
+
+
+def test_attention_dropout_path_matches_fused_path():
+  rng = np.random.RandomState(2)
+  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
+             for s in ((2, 3, 2, 4), (2, 5, 2, 4), (2, 5, 2, 4)))
+  fused = attention.dot_product_attention(q, k, v, scale=0.7)
+  # A negligible rate forces the materialised-weights path.
+  explicit = attention.dot_product_attention(
+      q, k, v, scale=0.7, dropout_rate=1e-9, deterministic=False,
+      dropout_rng=key(0))
+  np.testing.assert_allclose(explicit, fused, rtol=1e-5, atol=1e-6)
+  dropped = attention.dot_product_attention(
+      q, k, v, scale=0.7, dropout_rate=0.5, deterministic=False,
+      dropout_rng=key(0))
+  assert not np.allclose(dropped, fused, atol=1e-3)
+
+
+# --------------------------------------------------------------------------
+# Dropout, jit, dtype and implementation hooks.
+
+
+def test_dropout_only_in_training():
+  _, images, variables, apply = tiny()
+  train = lambda seed: apply(variables, images, train=True,
+                             rngs={'dropout': key(seed)})
+  evaluate = lambda: apply(variables, images, train=False)
+  np.testing.assert_array_equal(evaluate(), evaluate())
+  np.testing.assert_array_equal(train(0), train(0))
+  assert not np.allclose(train(0), train(1))
+  assert not np.allclose(train(0), evaluate())
+
+
+@pytest.mark.parametrize('dropout_rate, attention_dropout_rate, differs', [
+    (0.0, 0.0, False), (0.0, 0.5, True), (0.5, 0.0, True)])
+def test_each_dropout_is_wired(dropout_rate, attention_dropout_rate, differs):
+  # One block and iteration (a subtree of the tiny params) compiles faster.
+  config = tiny_config(num_transformer_blocks=1, num_iterations=1,
+                       dropout_rate=dropout_rate,
+                       attention_dropout_rate=attention_dropout_rate)
+  model = create_model(config, NUM_CLASSES)
+  _, images, variables, _ = tiny()
+  params = dict(variables['params'])
+  params['latent_transformer'] = {
+      'block_0': params['latent_transformer']['block_0']}
+  apply = jitted_apply(model)
+  train = apply({'params': params}, images, train=True,
+                rngs={'dropout': key(3)})
+  evaluation = apply({'params': params}, images, train=False)
+  assert np.allclose(train, evaluation, atol=1e-6) != differs
+
+
+class JitTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_same_output_with_and_without_jit(self):
+    model, images, variables, jitted = tiny()
+    evaluate = self.variant(functools.partial(model.apply, train=False))
+    np.testing.assert_allclose(evaluate(variables, images),
+                               jitted(variables, images, train=False),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  _, images, variables, apply = tiny()
+  config = tiny_config()
+  config.dtype = 'bfloat16'
+  model = create_model(config, NUM_CLASSES)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False),
+                          key(0), images)
+  assert {x.dtype for x in jax.tree.leaves(shapes)} == {np.dtype('float32')}
+  logits = jitted_apply(model)(variables, images, train=False)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, apply(variables, images, train=False),
+                             atol=0.1)
+
+
+def test_attention_impl_none_equals_xla():
+  rng = np.random.RandomState(4)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 3, 2, 4)), jnp.float32)
+             for _ in range(3))
+  np.testing.assert_array_equal(
+      attention.dot_product_attention(q, k, v, scale=0.5, implementation=None),
+      attention.dot_product_attention(q, k, v, scale=0.5,
+                                      implementation='xla'))
+  config = tiny_config()
+  config.attention_impl = None
+  assert create_model(config, NUM_CLASSES).attention_impl is None
+
+
+def test_model_modules_do_not_import_tensorflow():
+  code = ('import sys; import perceiver_jax.model, perceiver_jax.attention; '
+          'sys.exit("tensorflow" in sys.modules or "keras" in sys.modules)')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert subprocess.run([sys.executable, '-c', code], cwd=root,
+                        check=False).returncode == 0
+
+
+# --------------------------------------------------------------------------
+# Errors.
+
+
+def test_wrong_image_size_raises():
+  model, _, variables, _ = tiny()
+  with pytest.raises(ValueError, match='image_size=8'):
+    model.apply(variables, jnp.zeros((1, 12, 12, 3)), train=False)
+  with pytest.raises(ValueError, match='image_size=8'):
+    model.apply(variables, jnp.zeros((1, 8, 12, 3)), train=False)
+  with pytest.raises(ValueError, match='image_size=8'):
+    model.apply(variables, jnp.zeros((8, 8, 3)), train=False)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(image_size=10, patch_size=4), 'not divisible by patch_size'),
+    (dict(ffn_units=(8, 4)), 'must end with projection_dim'),
+    (dict(num_heads=0), 'num_heads must be a positive int'),
+    (dict(dropout_rate=1.0), r'dropout_rate must be in \[0, 1\)'),
+    (dict(attention_impl='flash'), 'attention_impl must be one of'),
+    (dict(dtype='int32'), 'must be a float dtype'),
+    (dict(dtype='float99'), 'Unknown dtype'),
+])
+def test_bad_config_raises(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    create_model(tiny_config(**overrides), NUM_CLASSES)
+
+
+# --------------------------------------------------------------------------
+# Against the seed's Keras model (Keras 3, TensorFlow backend).
+
+
+@pytest.fixture(scope='module')
+def keras_seed():
+  """The seed's model code, only with layer names added; returns a builder."""
+  if 'keras' not in sys.modules:
+    os.environ['KERAS_BACKEND'] = 'tensorflow'
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if keras.backend.backend() != 'tensorflow':
+    pytest.skip('keras was already imported with a non-TensorFlow backend')
+  layers = keras.layers
+
+  def create_ffn(hidden_units, dropout_rate, name):
+    ffn_layers = []
+    for i, units in enumerate(hidden_units[:-1]):
+      ffn_layers.append(layers.Dense(units, activation=tf.nn.gelu,
+                                     name=f'{name}_dense_{i}'))
+    ffn_layers.append(layers.Dense(
+        units=hidden_units[-1], name=f'{name}_dense_{len(hidden_units) - 1}'))
+    ffn_layers.append(layers.Dropout(dropout_rate))
+    return keras.Sequential(ffn_layers, name=name)
+
+  class Patches(layers.Layer):
+
+    def __init__(self, patch_size):
+      super().__init__()
+      self.patch_size = patch_size
+
+    def call(self, images):
+      batch_size = tf.shape(images)[0]
+      patches = tf.image.extract_patches(
+          images=images, sizes=[1, self.patch_size, self.patch_size, 1],
+          strides=[1, self.patch_size, self.patch_size, 1],
+          rates=[1, 1, 1, 1], padding='VALID')
+      return tf.reshape(patches, [batch_size, -1, patches.shape[-1]])
+
+  class PatchEncoder(layers.Layer):
+
+    def __init__(self, num_patches, projection_dim):
+      super().__init__()
+      self.num_patches = num_patches
+      self.projection = layers.Dense(units=projection_dim)
+      self.position_embedding = layers.Embedding(
+          input_dim=num_patches, output_dim=projection_dim)
+
+    def call(self, patches):
+      positions = tf.range(start=0, limit=self.num_patches, delta=1)
+      return self.projection(patches) + self.position_embedding(positions)
+
+  def create_cross_attention_module(latent_dim, data_dim, projection_dim,
+                                    ffn_units, dropout_rate):
+    inputs = {
+        'latent_array': layers.Input(shape=(latent_dim, projection_dim),
+                                     name='latent_array'),
+        'data_array': layers.Input(shape=(data_dim, projection_dim),
+                                   name='data_array'),
+    }
+    ln = lambda name: layers.LayerNormalization(epsilon=1e-6, name=name)
+    latent_array = ln('latent_norm')(inputs['latent_array'])
+    data_array = ln('data_norm')(inputs['data_array'])
+    query = layers.Dense(units=projection_dim, name='query')(latent_array)
+    key = layers.Dense(units=projection_dim, name='key')(data_array)
+    value = layers.Dense(units=projection_dim, name='value')(data_array)
+    attention_output = layers.Attention(
+        use_scale=True, dropout=0.1, name='attention')([query, key, value])
+    attention_output = layers.Add()([attention_output, latent_array])
+    attention_output = ln('ffn_norm')(attention_output)
+    ffn = create_ffn(ffn_units, dropout_rate, name='cross_ffn')
+    outputs = layers.Add()([ffn(attention_output), attention_output])
+    return keras.Model(inputs=inputs, outputs=outputs)
+
+  def create_transformer_module(latent_dim, projection_dim, num_heads,
+                                num_transformer_blocks, ffn_units,
+                                dropout_rate):
+    inputs = layers.Input(shape=(latent_dim, projection_dim))
+    x0 = inputs
+    for b in range(num_transformer_blocks):
+      x1 = layers.LayerNormalization(
+          epsilon=1e-6, name=f'block_{b}_attention_norm')(x0)
+      attention_output = layers.MultiHeadAttention(
+          num_heads=num_heads, key_dim=projection_dim, dropout=0.1,
+          name=f'block_{b}_self_attention')(x1, x1)
+      x2 = layers.Add()([attention_output, x0])
+      x3 = layers.LayerNormalization(
+          epsilon=1e-6, name=f'block_{b}_ffn_norm')(x2)
+      x3 = create_ffn(ffn_units, dropout_rate, name=f'block_{b}_ffn')(x3)
+      x0 = layers.Add()([x3, x2])
+    return keras.Model(inputs=inputs, outputs=x0)
+
+  class Perceiver(keras.Model):
+    """The seed's class; `call` without augmentation, returning the logits."""
+
+    def __init__(self, patch_size, data_dim, latent_dim, projection_dim,
+                 num_heads, num_transformer_blocks, ffn_units, dropout_rate,
+                 num_iterations, classifier_units):
+      super().__init__()
+      self.latent_dim = latent_dim
+      self.data_dim = data_dim
+      self.patch_size = patch_size
+      self.projection_dim = projection_dim
+      self.num_heads = num_heads
+      self.num_transformer_blocks = num_transformer_blocks
+      self.ffn_units = ffn_units
+      self.dropout_rate = dropout_rate
+      self.num_iterations = num_iterations
+      self.classifier_units = classifier_units
+
+    def build(self, input_shape):
+      self.latent_array = self.add_weight(
+          shape=(self.latent_dim, self.projection_dim),
+          initializer='random_normal', trainable=True)
+      self.patcher = Patches(self.patch_size)
+      self.patch_encoder = PatchEncoder(self.data_dim, self.projection_dim)
+      self.cross_attention = create_cross_attention_module(
+          self.latent_dim, self.data_dim, self.projection_dim, self.ffn_units,
+          self.dropout_rate)
+      self.transformer = create_transformer_module(
+          self.latent_dim, self.projection_dim, self.num_heads,
+          self.num_transformer_blocks, self.ffn_units, self.dropout_rate)
+      self.global_average_pooling = layers.GlobalAveragePooling1D()
+      self.classification_head = create_ffn(
+          self.classifier_units, self.dropout_rate, name='classifier')
+      super().build(input_shape)
+
+    def call(self, inputs):
+      patches = self.patcher(inputs)
+      encoded_patches = self.patch_encoder(patches)
+      cross_attention_inputs = {
+          'latent_array': tf.expand_dims(self.latent_array, 0),
+          'data_array': encoded_patches,
+      }
+      for _ in range(self.num_iterations):
+        latent_array = self.cross_attention(cross_attention_inputs)
+        latent_array = self.transformer(latent_array)
+        cross_attention_inputs['latent_array'] = latent_array
+      representation = self.global_average_pooling(latent_array)
+      return self.classification_head(representation)
+
+  def build(config, num_classes):
+    return Perceiver(
+        config.patch_size, (config.image_size // config.patch_size)**2,
+        config.latent_dim, config.projection_dim, config.num_heads,
+        config.num_transformer_blocks, list(config.ffn_units),
+        config.dropout_rate, config.num_iterations,
+        list(config.classifier_units) + [num_classes])
+
+  return build, tf
+
+
+def keras_to_flax_params(keras_model, config):
+  """Maps the seed model's weights onto the Flax parameter tree."""
+  to_np = lambda v: np.asarray(v.numpy(), np.float32)
+  dense = lambda layer: {'kernel': to_np(layer.kernel),
+                         'bias': to_np(layer.bias)}
+  norm = lambda layer: {'scale': to_np(layer.gamma), 'bias': to_np(layer.beta)}
+
+  def ffn(sequential):
+    denses = [l for l in sequential.layers if l.weights]
+    return {f'dense_{i}': dense(l) for i, l in enumerate(denses)}
+
+  cross = keras_model.cross_attention
+  transformer = keras_model.transformer
+  blocks = {}
+  for b in range(config.num_transformer_blocks):
+    mha = transformer.get_layer(f'block_{b}_self_attention')
+    blocks[f'block_{b}'] = {
+        'attention_norm': norm(transformer.get_layer(
+            f'block_{b}_attention_norm')),
+        'self_attention': {'query': dense(mha.query_dense),
+                           'key': dense(mha.key_dense),
+                           'value': dense(mha.value_dense),
+                           'output': dense(mha.output_dense)},
+        'ffn_norm': norm(transformer.get_layer(f'block_{b}_ffn_norm')),
+        'ffn': ffn(transformer.get_layer(f'block_{b}_ffn')),
+    }
+  encoder = keras_model.patch_encoder
+  return {
+      'latent_array': to_np(keras_model.latent_array),
+      'patch_encoder': {
+          'projection': dense(encoder.projection),
+          'position_embedding': to_np(
+              encoder.position_embedding.embeddings)},
+      'cross_attention': {
+          'latent_norm': norm(cross.get_layer('latent_norm')),
+          'data_norm': norm(cross.get_layer('data_norm')),
+          # The seed calls Attention()([query, key, value]) but Keras'
+          # order is [query, value, key]: its Dense named 'key' projects the
+          # values and its 'value' the keys. Same architecture (both Denses
+          # read the normalised data, same shape and init); names swap.
+          'attention': {'query': dense(cross.get_layer('query')),
+                        'key': dense(cross.get_layer('value')),
+                        'value': dense(cross.get_layer('key')),
+                        'scale': to_np(cross.get_layer('attention').scale)},
+          'ffn_norm': norm(cross.get_layer('ffn_norm')),
+          'ffn': ffn(cross.get_layer('cross_ffn')),
+      },
+      'latent_transformer': blocks,
+      'classifier': ffn(keras_model.classification_head),
+  }
+
+
+def test_logits_match_seed_keras_model(keras_seed):
+  build_keras, _ = keras_seed
+  config = tiny_config()
+  images = np.asarray(images_for(config))
+  keras_model = build_keras(config, NUM_CLASSES)
+  keras_model(images[:1], training=False)  # Builds the weights.
+  # Perturb every weight so biases, LayerNorm gains and the attention scale
+  # are not at their (symmetry-hiding) initial values.
+  rng = np.random.RandomState(0)
+  for weight in keras_model.weights:
+    weight.assign(weight.numpy() + rng.normal(0, 0.2, weight.shape))
+  keras_model.cross_attention.get_layer('attention').scale.assign(1.7)
+  expected = np.asarray(keras_model(images, training=False))
+
+  _, _, variables, apply = tiny()
+  params = keras_to_flax_params(keras_model, config)
+  chex.assert_trees_all_equal_shapes_and_dtypes(params, variables['params'])
+  assert count(params) == keras_model.count_params() == keras_param_count(
+      config, NUM_CLASSES)
+  logits = apply({'params': params}, jnp.asarray(images), train=False)
+  assert np.abs(expected).max() > 0.1  # A non-trivial comparison.
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_extract_patches_matches_tensorflow(keras_seed):
+  _, tf = keras_seed
+  images = np.random.RandomState(3).normal(size=(2, 6, 6, 5)).astype(
+      np.float32)
+  expected = tf.image.extract_patches(
+      images, sizes=[1, 3, 3, 1], strides=[1, 3, 3, 1], rates=[1, 1, 1, 1],
+      padding='VALID').numpy().reshape(2, -1, 45)
+  np.testing.assert_array_equal(
+      model_lib.extract_patches(jnp.asarray(images), 3), expected)
