@@ -6,6 +6,7 @@ Any config field can be overridden, e.g. `--config.num_epochs=2`. Rerunning
 with the same --workdir resumes from its latest checkpoint.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app
@@ -21,9 +22,18 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Hides orbax's per-save INFO chatter; its warnings still show."""
+
+  def filter(self, record):
+    return (record.levelno >= std_logging.WARNING
+            or '/orbax/' not in record.pathname)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so `--help` and flag errors do not wait for jax/tensorflow.
   from perceiver_jax import config_lib  # pylint: disable=g-import-not-at-top
   from perceiver_jax import train  # pylint: disable=g-import-not-at-top

@@ -17,7 +17,7 @@ def get_config():
   """Returns a tiny configuration on mock CIFAR-100 data."""
   config = cifar100.get_config()
   config.mock_data = True
-  config.mock_num_examples = 128
+  config.mock_num_examples = 64
   config.batch_size = 16
   config.num_epochs = 2
   config.image_size = 16

@@ -47,7 +47,7 @@ def config_problems(config):
                'num_transformer_blocks', 'num_iterations',
                'checkpoint_max_to_keep', 'log_every_steps'):
     need(name, lambda v: _is_int(v) and v > 0, 'a positive integer')
-  need('seed', _is_int, 'an integer')
+  need('seed', lambda v: _is_int(v) and v >= 0, 'a non-negative integer')
   for name in ('ffn_units', 'classifier_units'):
     need(name, lambda v: isinstance(v, (tuple, list)) and all(
         _is_int(u) and u > 0 for u in v), 'a tuple of positive integers',

@@ -12,6 +12,7 @@ import logging
 
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from perceiver_jax import callbacks
@@ -46,7 +47,9 @@ def normalization_stats(workdir, pipeline):
   Saved in the workdir so a resumed run normalises exactly as before.
   """
   path = workdir / 'normalization.json'
-  if path.exists():
+  # Process 0 decides, so every process takes the same (collective) branch.
+  exists = bool(multihost_utils.broadcast_one_to_all(np.asarray(path.exists())))
+  if exists:
     stats = json.loads(path.read_text())
   else:
     stats = {k: np.asarray(v, np.float64).tolist()
@@ -102,6 +105,7 @@ class Experiment:
     self.pipeline = input_pipeline.Pipeline(
         config, num_shards=self.mesh.devices.size,
         shard_indices=sharding_lib.local_shard_indices(self.mesh))
+    self.info = self.pipeline.info  # Class names are known once prepared.
     self.stats = normalization_stats(self.workdir, self.pipeline)
     self.model = model_lib.create_model(config, self.info.num_classes)
     image_shape = (config.image_size, config.image_size, self.info.channels)
