@@ -43,6 +43,9 @@ def get_config():
   config.num_iterations = 2
   # Hidden widths of the classifier head; its output width is the class count.
   config.classifier_units = (256,)
+  # Glorot fans of the multi-head attention kernels as computed by the Keras
+  # version the seed ran (2.7); 'keras3' gives Keras 3's larger init.
+  config.attention_init = 'keras2'
 
   # Keras ReduceLROnPlateau(monitor='val_loss', factor=0.2, patience=3).
   config.plateau = ml_collections.ConfigDict(

@@ -28,19 +28,41 @@ import jax.numpy as jnp
 # Values accepted by `jax.nn.dot_product_attention(implementation=...)`.
 ATTENTION_IMPLEMENTATIONS = (None, 'xla', 'cudnn')
 
-# Keras' default kernel initialiser. For the 3-D multi-head kernels this
-# matches Keras 3's `EinsumDense`, which computes the glorot fans from the
-# einsum's input and output axes: the q/k/v kernels
-# (projection_dim, num_heads, key_dim) have fan_in = projection_dim and
-# fan_out = num_heads * key_dim; the output kernel
-# (num_heads, key_dim, projection_dim) has fan_in = num_heads * key_dim and
-# fan_out = projection_dim. `nn.DenseGeneral` reshapes the kernel to
-# (prod(contracted dims), prod(feature dims)) before calling the initialiser,
-# which yields exactly those fans. (Keras 2, which the seed ran on, treated
-# such kernels as convolution kernels, fans multiplied by the leading dims:
-# with the seed's sizes its limits were 5.4x (q/k/v) and 1.3x (output)
-# smaller. We follow Keras 3.)
+# Keras' default kernel initialiser for 2-D kernels.
 keras_glorot_uniform = nn.initializers.glorot_uniform()
+
+# How Keras computes glorot fans for the 3-D multi-head kernels differs by
+# version. Keras 2 (the seed ran 2.7) treats them like convolution kernels:
+# receptive field = prod(shape[:-2]), fan_in = shape[-2] * field, fan_out =
+# shape[-1] * field; at the seed's sizes that gives 5.4x (q/k/v) and 1.3x
+# (output) smaller limits than Keras 3's EinsumDense, whose fans are the
+# einsum's input and output axes.
+ATTENTION_INITS = ('keras2', 'keras3')
+
+
+def multihead_kernel_init(style, shape, num_input_axes):
+  """Glorot-uniform for a multi-head kernel of `shape`, Keras 2 or 3 fans.
+
+  `num_input_axes` leading axes are contracted (1 for q/k/v, 2 for the
+  output projection). The returned initialiser ignores the (flattened)
+  shape flax passes, other than its size, and reshapes to it.
+  """
+  if style not in ATTENTION_INITS:
+    raise ValueError(f'attention_init must be one of {ATTENTION_INITS}, got '
+                     f'{style!r}.')
+  if style == 'keras2':
+    field = math.prod(shape[:-2])
+    fan_in, fan_out = shape[-2] * field, shape[-1] * field
+  else:
+    fan_in = math.prod(shape[:num_input_axes])
+    fan_out = math.prod(shape[num_input_axes:])
+  limit = math.sqrt(6.0 / (fan_in + fan_out))
+
+  def init(key, flat_shape, dtype=jnp.float32):
+    assert math.prod(flat_shape) == math.prod(shape), (flat_shape, shape)
+    return jax.random.uniform(key, flat_shape, dtype, -limit, limit)
+
+  return init
 
 
 def check_implementation(implementation):
@@ -172,6 +194,7 @@ class MultiHeadSelfAttention(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = 'xla'
+  attention_init: str = 'keras2'
 
   def __post_init__(self):
     if self.num_heads <= 0 or self.head_dim <= 0:
@@ -185,9 +208,11 @@ class MultiHeadSelfAttention(nn.Module):
   def __call__(self, inputs, *, deterministic):
     """Maps `[batch, length, width]` to the same shape."""
     width = inputs.shape[-1]
+    heads = (self.num_heads, self.head_dim)
     project = functools.partial(
-        nn.DenseGeneral, features=(self.num_heads, self.head_dim), axis=-1,
-        dtype=self.dtype, kernel_init=keras_glorot_uniform)
+        nn.DenseGeneral, features=heads, axis=-1, dtype=self.dtype,
+        kernel_init=multihead_kernel_init(self.attention_init,
+                                          (width, *heads), 1))
     query = project(name='query')(inputs)
     key = project(name='key')(inputs)
     value = project(name='value')(inputs)
@@ -199,4 +224,6 @@ class MultiHeadSelfAttention(nn.Module):
         dropout_rng=rng, implementation=self.attention_impl)
     return nn.DenseGeneral(
         features=width, axis=(-2, -1), dtype=self.dtype,
-        kernel_init=keras_glorot_uniform, name='output')(out)
+        kernel_init=multihead_kernel_init(self.attention_init,
+                                          (*heads, width), 2),
+        name='output')(out)

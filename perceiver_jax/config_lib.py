@@ -75,6 +75,8 @@ def config_problems(config):
        'a non-negative number')
   for name in ('dropout_rate', 'attention_dropout_rate'):
     need(name, lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)')
+  need('attention_init', lambda v: v in ('keras2', 'keras3'),
+       "'keras2' or 'keras3'", "e.g. --config.attention_init=keras2")
   need('validation_split', lambda v: _is_number(v) and 0 < v < 1,
        'strictly between 0 and 1 (the held-out fraction of tfds "train")')
   need('dataset', lambda v: isinstance(v, str) and v.strip(),

@@ -142,6 +142,7 @@ class TransformerBlock(nn.Module):
   attention_dropout_rate: float
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = 'xla'
+  attention_init: str = 'keras2'
 
   @nn.compact
   def __call__(self, x, *, deterministic):
@@ -149,7 +150,8 @@ class TransformerBlock(nn.Module):
     y = attention_lib.MultiHeadSelfAttention(
         self.num_heads, self.head_dim, self.attention_dropout_rate,
         dtype=self.dtype, attention_impl=self.attention_impl,
-        name='self_attention')(y, deterministic=deterministic)
+        attention_init=self.attention_init, name='self_attention')(
+            y, deterministic=deterministic)
     x = x + y
     y = LayerNorm(dtype=self.dtype, name='ffn_norm')(x)
     y = FeedForward(self.ffn_units, self.dropout_rate, dtype=self.dtype,
@@ -167,6 +169,7 @@ class LatentTransformer(nn.Module):
   attention_dropout_rate: float
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = 'xla'
+  attention_init: str = 'keras2'
 
   @nn.compact
   def __call__(self, x, *, deterministic):
@@ -174,7 +177,8 @@ class LatentTransformer(nn.Module):
       x = TransformerBlock(
           self.num_heads, self.head_dim, self.ffn_units, self.dropout_rate,
           self.attention_dropout_rate, dtype=self.dtype,
-          attention_impl=self.attention_impl, name=f'block_{i}')(
+          attention_impl=self.attention_impl,
+          attention_init=self.attention_init, name=f'block_{i}')(
               x, deterministic=deterministic)
     return x
 
@@ -197,6 +201,8 @@ class Perceiver(nn.Module):
     attention_dropout_rate: dropout on all attention weights.
     dtype: compute dtype (parameters and logits stay float32).
     attention_impl: jax.nn.dot_product_attention implementation.
+    attention_init: 'keras2' (the seed's Keras 2.7) or 'keras3' glorot fans
+      of the multi-head attention kernels.
   """
   image_size: int
   patch_size: int
@@ -212,6 +218,7 @@ class Perceiver(nn.Module):
   attention_dropout_rate: float = 0.1
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = 'xla'
+  attention_init: str = 'keras2'
 
   def __post_init__(self):
     for name in ('image_size', 'patch_size', 'latent_dim', 'projection_dim',
@@ -233,6 +240,10 @@ class Perceiver(nn.Module):
     attention_lib.check_rate('attention_dropout_rate',
                              self.attention_dropout_rate)
     attention_lib.check_implementation(self.attention_impl)
+    if self.attention_init not in attention_lib.ATTENTION_INITS:
+      raise ValueError(f'attention_init must be one of '
+                       f'{attention_lib.ATTENTION_INITS}, got '
+                       f'{self.attention_init!r}.')
     if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
       raise ValueError(f'dtype must be a float dtype, got {self.dtype!r}.')
     super().__post_init__()
@@ -275,7 +286,8 @@ class Perceiver(nn.Module):
         **common)
     transformer = LatentTransformer(
         self.num_transformer_blocks, self.num_heads, self.projection_dim,
-        tuple(self.ffn_units), name='latent_transformer', **common)
+        tuple(self.ffn_units), attention_init=self.attention_init,
+        name='latent_transformer', **common)
     for _ in range(self.num_iterations):
       latents = cross_attention(latents, data, deterministic=deterministic)
       latents = transformer(latents, deterministic=deterministic)
@@ -321,4 +333,5 @@ def create_model(config, num_classes):
       attention_dropout_rate=config.get('attention_dropout_rate', 0.1),
       dtype=dtype,
       attention_impl=config.get('attention_impl', 'xla'),
+      attention_init=config.get('attention_init', 'keras2'),
   )

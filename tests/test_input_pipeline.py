@@ -315,22 +315,23 @@ def test_prepare_orders_processes_around_a_barrier(fake_cifar100,
     ('cifar100', 32, 3, 100), ('mnist', 28, 1, 10),
     ('tf_flowers', None, 3, 5)])  # Variable size: resized to image_size.
 def test_mock_data(tmp_path, dataset, native, channels, num_classes):
-  config = fake_data.get_config()  # 128 mock examples, batch 16, size 16.
+  config = fake_data.get_config()  # Batch 16, image size 16.
   config.dataset, config.tfds_data_dir = dataset, str(tmp_path)
+  n = config.mock_num_examples
   size = native or config.image_size
   info = input_pipeline.get_dataset_info(config)
   assert (info.height, info.width, info.channels, info.num_classes) == (
       size, size, channels, num_classes)
   p = input_pipeline.Pipeline(config, num_shards=2, shard_indices=[1])
-  # tfds' mock ignores slicing: each shard holds all 128 mock examples.
-  assert p.num_train_examples == p.num_test_examples == 2 * 128
-  assert p.steps_per_epoch == 128 // 8
+  # tfds' mock ignores slicing: each shard holds all n mock examples.
+  assert p.num_train_examples == p.num_test_examples == 2 * n
+  assert p.steps_per_epoch == n // 8
   batch = p.train_batch(0, 0)
   assert batch['image'].shape == (8, size, size, channels)
   assert batch['image'].dtype == np.uint8
   assert batch['label'].dtype == np.int32
   assert ((batch['label'] >= 0) & (batch['label'] < num_classes)).all()
-  assert sum(b['mask'].sum() for b in p.eval_batches('test')) == 128
+  assert sum(b['mask'].sum() for b in p.eval_batches('test')) == n
 
 
 @pytest.mark.parametrize('dataset,message', [

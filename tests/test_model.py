@@ -152,7 +152,17 @@ def test_keras_default_initialisers():
     assert 0.8 * limit < peak <= limit, (kernel.shape, peak, limit)
 
   mha = params['latent_transformer']['block_0']['self_attention']
-  # Keras 3 EinsumDense fans (Keras 2 would give fan_in=h*d, fan_out=d*d).
+  # The seed's Keras 2.7 treats the 3-D kernels like conv kernels: receptive
+  # field = product of the leading axes.
+  for name in ('query', 'key', 'value'):
+    assert_glorot(mha[name]['kernel'], h * d, d * d)
+  assert_glorot(mha['output']['kernel'], d * h, d * h)
+  # Keras 3 EinsumDense fans: the einsum's input and output axes.
+  with config.unlocked():
+    config.attention_init = 'keras3'
+  keras3 = create_model(config, 100).init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)['params']
+  mha = keras3['latent_transformer']['block_0']['self_attention']
   for name in ('query', 'key', 'value'):
     assert_glorot(mha[name]['kernel'], d, h * d)
   assert_glorot(mha['output']['kernel'], h * d, d)
