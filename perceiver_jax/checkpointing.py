@@ -17,15 +17,16 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-BEST_MARKER = 'best_epoch'
+BEST_MARKER = 'best_step'
 
 
 def create_manager(directory, *, max_to_keep):
   """Keeps the latest `max_to_keep` checkpoints and the early-stopping best.
 
-  Epoch-end saves carry the metric `best_epoch` (the early-stopping best so
-  far); the checkpoint where it is highest is the best one, which matches
-  Keras' EarlyStopping (min_delta included) rather than the raw val_loss.
+  Epoch-end saves carry the metric `best_step`: their step when early
+  stopping judged the epoch an improvement, else -1. The checkpoint where it
+  is highest is the latest improvement, i.e. the best by Keras'
+  EarlyStopping (min_delta included) rather than by raw val_loss.
   """
   preservation = policies.AnyPreservationPolicy([
       policies.LatestN(max_to_keep),
@@ -39,9 +40,13 @@ def create_manager(directory, *, max_to_keep):
                                item_names=('state', 'meta'))
 
 
-def save(manager, step, state, meta, *, best_epoch=None):
-  """Starts an (asynchronous) save; `best_epoch` marks an epoch-end save."""
-  metrics = None if best_epoch is None else {BEST_MARKER: float(best_epoch)}
+def save(manager, step, state, meta, *, is_best=None):
+  """Starts an (asynchronous) save.
+
+  `is_best` is None for mid-epoch saves, else whether this epoch improved.
+  """
+  metrics = None if is_best is None else {
+      BEST_MARKER: float(step if is_best else -1)}
   meta = json.loads(json.dumps(meta))  # A snapshot: the save is asynchronous.
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

@@ -201,7 +201,8 @@ def _train(ex, state, meta):
     meta.update(epoch=epoch + 1, epoch_sums=None,
                 plateau=callbacks.to_dict(plateau),
                 early_stopping=callbacks.to_dict(es))
-    checkpointing.save(ex.manager, step, state, meta, best_epoch=es.best_epoch)
+    checkpointing.save(ex.manager, step, state, meta,
+                       is_best=es.best_epoch == epoch + 1)
     _write_epoch_outputs(ex, step, meta['history'])
     bar.close(f"loss={train_means['loss']:.4f} acc={train_means['accuracy']:.4f}"
               f" val_loss={val['loss']:.4f} val_acc={val['accuracy']:.4f}"

@@ -1,0 +1,79 @@
+"""Orbax checkpoints: latest few plus the early-stopping best, fallback on damage."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perceiver_jax import checkpointing
+
+
+def _state(value):
+  return {'params': {'w': jnp.full((4,), float(value))},
+          'step': jnp.asarray(value, jnp.int32)}
+
+
+def _save_epochs(manager, best_epochs):
+  for epoch, best in enumerate(best_epochs, start=1):
+    checkpointing.save(manager, epoch * 10, _state(epoch),
+                       {'epoch': epoch, 'history': list(range(epoch))},
+                       is_best=best == epoch)
+  manager.wait_until_finished()
+
+
+def test_keeps_latest_few_and_the_best(tmp_path):
+  manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=2)
+  # The early-stopping best is epoch 2 from epoch 2 on.
+  _save_epochs(manager, [1, 2, 2, 2, 2, 2])
+  manager.reload()
+  assert sorted(manager.all_steps()) == [20, 50, 60]
+  state, meta = checkpointing.restore(manager, 20,
+                                      checkpointing.abstract(_state(0)))
+  np.testing.assert_array_equal(state['params']['w'], np.full((4,), 2.0))
+  assert meta == {'epoch': 2, 'history': [0, 1]}
+
+
+def test_mid_epoch_saves_do_not_displace_the_best(tmp_path):
+  manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=1)
+  _save_epochs(manager, [1])
+  for step in (11, 12, 13):  # Saves without metrics (mid-epoch).
+    checkpointing.save(manager, step, _state(step), {'epoch': 1})
+  manager.wait_until_finished()
+  manager.reload()
+  assert sorted(manager.all_steps()) == [10, 13]
+
+
+def test_restore_latest_skips_a_damaged_checkpoint(tmp_path, caplog):
+  manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=3)
+  _save_epochs(manager, [1, 2, 3])
+  # Truncate every file of the newest checkpoint's array data.
+  damaged = tmp_path / 'ckpt' / '30' / 'state'
+  for root, _, files in os.walk(damaged):
+    for name in files:
+      with open(os.path.join(root, name), 'r+b') as f:
+        f.truncate(0)
+  with caplog.at_level('WARNING'):
+    state, meta = checkpointing.restore_latest(
+        manager, checkpointing.abstract(_state(0)))
+  assert meta['epoch'] == 2
+  assert int(state['step']) == 2
+  assert '30 is unreadable' in caplog.text
+
+
+def test_restore_latest_on_empty_dir_is_none(tmp_path):
+  manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=3)
+  assert checkpointing.restore_latest(
+      manager, checkpointing.abstract(_state(0))) is None
+
+
+def test_abstract_keeps_shape_dtype_and_sharding():
+  tree = _state(3)
+  abstract = checkpointing.abstract(tree)
+  leaf = abstract['params']['w']
+  assert isinstance(leaf, jax.ShapeDtypeStruct)
+  assert leaf.shape == (4,) and leaf.dtype == jnp.float32
+  assert leaf.sharding == tree['params']['w'].sharding
+
+
