@@ -77,3 +77,10 @@ def test_abstract_keeps_shape_dtype_and_sharding():
   assert leaf.sharding == tree['params']['w'].sharding
 
 
+
+
+def test_a_later_improvement_replaces_the_best(tmp_path):
+  manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=1)
+  _save_epochs(manager, [1, 2, 2, 4, 4, 4])
+  manager.reload()
+  assert sorted(manager.all_steps()) == [40, 60]
