@@ -120,7 +120,7 @@ class CrossAttentionBlock(nn.Module):
   attention_impl: Optional[str] = 'xla'
 
   @nn.compact
-  def __call__(self, latents, data, *, deterministic):
+  def __call__(self, latents, data, deterministic):
     latents = LayerNorm(dtype=self.dtype, name='latent_norm')(latents)
     data = LayerNorm(dtype=self.dtype, name='data_norm')(data)
     x = attention_lib.CrossAttention(
@@ -145,7 +145,7 @@ class TransformerBlock(nn.Module):
   attention_init: str = 'keras2'
 
   @nn.compact
-  def __call__(self, x, *, deterministic):
+  def __call__(self, x, deterministic):
     y = LayerNorm(dtype=self.dtype, name='attention_norm')(x)
     y = attention_lib.MultiHeadSelfAttention(
         self.num_heads, self.head_dim, self.attention_dropout_rate,
@@ -170,17 +170,29 @@ class LatentTransformer(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = 'xla'
   attention_init: str = 'keras2'
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, *, deterministic):
+    block_cls = (remat(TransformerBlock, 2) if self.remat else
+                 TransformerBlock)
     for i in range(self.num_blocks):
-      x = TransformerBlock(
+      x = block_cls(
           self.num_heads, self.head_dim, self.ffn_units, self.dropout_rate,
           self.attention_dropout_rate, dtype=self.dtype,
           attention_impl=self.attention_impl,
           attention_init=self.attention_init, name=f'block_{i}')(
-              x, deterministic=deterministic)
+              x, deterministic)
     return x
+
+
+def remat(block_cls, deterministic_argnum):
+  """Recomputes a block's activations in the backward pass to save memory.
+
+  `deterministic` (positional argument `deterministic_argnum`, self being 0)
+  is static: it selects code rather than being traced.
+  """
+  return nn.remat(block_cls, static_argnums=(deterministic_argnum,))
 
 
 class Perceiver(nn.Module):
@@ -203,6 +215,8 @@ class Perceiver(nn.Module):
     attention_impl: jax.nn.dot_product_attention implementation.
     attention_init: 'keras2' (the seed's Keras 2.7) or 'keras3' glorot fans
       of the multi-head attention kernels.
+    remat: rematerialise the cross-attention and Transformer blocks in the
+      backward pass (less activation memory, about one more forward pass).
   """
   image_size: int
   patch_size: int
@@ -219,6 +233,7 @@ class Perceiver(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = 'xla'
   attention_init: str = 'keras2'
+  remat: bool = False
 
   def __post_init__(self):
     for name in ('image_size', 'patch_size', 'latent_dim', 'projection_dim',
@@ -281,15 +296,17 @@ class Perceiver(nn.Module):
     latents = jnp.broadcast_to(latent_array.astype(self.dtype),
                                (images.shape[0],) + latent_array.shape)
     # Created once, called every iteration: weights are shared, as in the seed.
-    cross_attention = CrossAttentionBlock(
+    cross_cls = (remat(CrossAttentionBlock, 3) if self.remat else
+                 CrossAttentionBlock)
+    cross_attention = cross_cls(
         self.projection_dim, tuple(self.ffn_units), name='cross_attention',
         **common)
     transformer = LatentTransformer(
         self.num_transformer_blocks, self.num_heads, self.projection_dim,
         tuple(self.ffn_units), attention_init=self.attention_init,
-        name='latent_transformer', **common)
+        remat=self.remat, name='latent_transformer', **common)
     for _ in range(self.num_iterations):
-      latents = cross_attention(latents, data, deterministic=deterministic)
+      latents = cross_attention(latents, data, deterministic)
       latents = transformer(latents, deterministic=deterministic)
     representation = jnp.mean(latents, axis=1)  # GlobalAveragePooling1D.
     logits = FeedForward(
@@ -334,4 +351,5 @@ def create_model(config, num_classes):
       dtype=dtype,
       attention_impl=config.get('attention_impl', 'xla'),
       attention_init=config.get('attention_init', 'keras2'),
+      remat=config.get('remat', False),
   )

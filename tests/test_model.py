@@ -602,3 +602,24 @@ def test_extract_patches_matches_tensorflow(keras_seed):
       padding='VALID').numpy().reshape(2, -1, 45)
   np.testing.assert_array_equal(
       model_lib.extract_patches(jnp.asarray(images), 3), expected)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  """Rematerialisation only trades memory for compute."""
+  config = fake_data.get_config()
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  results = []
+  for use_remat in (False, True):
+    with config.unlocked():
+      config.remat = use_remat
+    model = create_model(config, 10)
+    params = model.init({'params': jax.random.key(0)}, images, train=False)
+
+    def loss(p, model=model):
+      return model.apply(p, images, train=True,
+                         rngs={'dropout': jax.random.key(2)}).sum()
+
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (loss0, grads0), (loss1, grads1) = results
+  np.testing.assert_allclose(loss0, loss1, rtol=1e-6)
+  chex.assert_trees_all_close(grads0, grads1, atol=1e-5, rtol=1e-5)
