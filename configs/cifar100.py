@@ -47,6 +47,11 @@ def get_config():
   # version the seed ran (2.7); 'keras3' gives Keras 3's larger init.
   config.attention_init = 'keras2'
 
+  # Speed options; the defaults are the faithful float32 path.
+  config.dtype = 'float32'  # Compute dtype ('bfloat16'); params stay float32.
+  config.attention_impl = 'xla'  # jax.nn.dot_product_attention: 'cudnn' too.
+  config.remat = False  # Recompute block activations in the backward pass.
+
   # Keras ReduceLROnPlateau(monitor='val_loss', factor=0.2, patience=3).
   config.plateau = ml_collections.ConfigDict(
       dict(factor=0.2, patience=3, min_delta=1e-4, cooldown=0, min_lr=0.0))

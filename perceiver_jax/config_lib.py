@@ -77,6 +77,10 @@ def config_problems(config):
     need(name, lambda v: _is_number(v) and 0 <= v < 1, 'in [0, 1)')
   need('attention_init', lambda v: v in ('keras2', 'keras3'),
        "'keras2' or 'keras3'", "e.g. --config.attention_init=keras2")
+  need('dtype', lambda v: v in ('float32', 'bfloat16', 'float16'),
+       "'float32', 'bfloat16' or 'float16'", 'e.g. --config.dtype=bfloat16')
+  need('attention_impl', lambda v: v in (None, 'xla', 'cudnn'),
+       "'xla' or 'cudnn'", 'e.g. --config.attention_impl=xla')
   need('validation_split', lambda v: _is_number(v) and 0 < v < 1,
        'strictly between 0 and 1 (the held-out fraction of tfds "train")')
   need('dataset', lambda v: isinstance(v, str) and v.strip(),
