@@ -3,7 +3,9 @@
   python main.py --config=configs/cifar100.py --workdir=/tmp/perceiver_cifar100
 
 Any config field can be overridden, e.g. `--config.num_epochs=2`. Rerunning
-with the same --workdir resumes from its latest checkpoint.
+with the same --workdir resumes from its latest checkpoint. For several
+hosts, run the same command on each with `--distributed` (TPU slices) or
+with `--coordinator_address`, `--num_processes` and `--process_id`.
 """
 
 import logging as std_logging
@@ -19,6 +21,13 @@ config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file, e.g. configs/cifar100.py.',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+flags.DEFINE_bool('distributed', False,
+                  'Multi-host run: call jax.distributed.initialize(), which '
+                  'needs no arguments on Cloud TPU slices.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0 (multi-host GPU/CPU runs).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -35,12 +44,24 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so `--help` and flag errors do not wait for jax/tensorflow.
-  from perceiver_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from perceiver_jax import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from perceiver_jax import metrics
+  from perceiver_jax import preemption
+  from perceiver_jax import sharding
+  from perceiver_jax import train
+  # pylint: enable=g-import-not-at-top
+  explicit = (FLAGS.coordinator_address, FLAGS.num_processes,
+              FLAGS.process_id)
+  if FLAGS.distributed or any(v is not None for v in explicit):
+    sharding.initialize_distributed(*explicit)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (config_lib.ConfigError, ValueError) as e:
-    # Bad input: one clear paragraph instead of a traceback.
+  except preemption.Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(preemption.EXIT_CODE)
+  except (ValueError, metrics.NonFiniteError) as e:
+    # Bad input or a diverged run: one clear paragraph, no traceback
+    # (`--verbosity=1` logs it).
     logging.debug('Details:', exc_info=True)
     sys.exit(f'Error: {e}')
 

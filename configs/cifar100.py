@@ -62,5 +62,7 @@ def get_config():
 
   # Checkpointing and logging.
   config.checkpoint_max_to_keep = 3
+  # Also save every N steps inside an epoch (0: only at epoch ends).
+  config.checkpoint_every_steps = 0
   config.log_every_steps = 50
   return config

@@ -47,6 +47,8 @@ def config_problems(config):
                'num_transformer_blocks', 'num_iterations',
                'checkpoint_max_to_keep', 'log_every_steps'):
     need(name, lambda v: _is_int(v) and v > 0, 'a positive integer')
+  need('checkpoint_every_steps', lambda v: _is_int(v) and v >= 0,
+       'a non-negative integer (0: only at epoch ends)')
   need('seed', lambda v: _is_int(v) and v >= 0, 'a non-negative integer')
   for name in ('ffn_units', 'classifier_units'):
     need(name, lambda v: isinstance(v, (tuple, list)) and all(
@@ -106,3 +108,44 @@ def validate(config):
   if problems:
     raise ConfigError('Invalid configuration:\n  - ' + '\n  - '.join(problems))
   return config
+
+
+# Fields that may change when a run resumes: they steer training, logging or
+# speed but leave the model, its data and the example order as they were.
+# Any other difference would not fit the checkpoints (or silently change the
+# run), so resuming refuses it.
+RESUMABLE_FIELDS = (
+    'num_epochs', 'log_every_steps', 'checkpoint_max_to_keep',
+    'checkpoint_every_steps', 'tfds_data_dir', 'dtype', 'attention_impl',
+    'remat', 'learning_rate', 'weight_decay', 'plateau', 'early_stopping',
+)
+
+
+def _flatten(d, prefix=''):
+  flat = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      flat.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      flat[f'{prefix}{k}'] = v
+  return flat
+
+
+def resume_conflicts(saved, config):
+  """Fields where `config` differs from the `saved` config dict of a workdir.
+
+  Returns `(conflicts, allowed)`: lists of 'field: saved -> new' strings, the
+  first for fields that forbid resuming, the second for those that may change.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  saved = _flatten(json.loads(json.dumps(saved)))
+  new = _flatten(json.loads(json.dumps(config.to_dict())))
+  conflicts, allowed = [], []
+  for name in sorted(set(saved) | set(new)):
+    old_value, new_value = saved.get(name, '<unset>'), new.get(name, '<unset>')
+    if old_value == new_value:
+      continue
+    line = f'{name}: {old_value!r} -> {new_value!r}'
+    top = name.split('.')[0]
+    (allowed if top in RESUMABLE_FIELDS else conflicts).append(line)
+  return conflicts, allowed

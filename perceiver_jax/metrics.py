@@ -9,6 +9,7 @@ process 0 writes files or draws the progress bar.
 
 import io
 import json
+import math
 import time
 
 from etils import epath
@@ -17,23 +18,42 @@ import jax
 KEYS = ('loss', 'accuracy', 'top5_accuracy', 'count')
 
 
+class NonFiniteError(RuntimeError):
+  """The loss or the gradients stopped being finite."""
+
+
 class MetricSums:
-  """Running float64 sums of step metrics, with device values fetched lazily."""
+  """Running float64 sums of step metrics, with device values fetched lazily.
+
+  Each fetch also checks that loss and gradient norm stayed finite, so a
+  diverging run stops, naming the step, before anything saves it.
+  """
 
   def __init__(self, sums=None):
     self.sums = dict.fromkeys(KEYS, 0.0)
     self.sums.update(sums or {})
     self._pending = []
 
-  def add(self, step_metrics):
-    self._pending.append(step_metrics)
+  def add(self, step_metrics, step=None):
+    """Queues the metrics of global step `step` (device arrays)."""
+    self._pending.append((step, step_metrics))
 
   def flush(self):
-    for m in jax.device_get(self._pending):
+    steps = [s for s, _ in self._pending]
+    values = jax.device_get([m for _, m in self._pending])
+    self._pending = []
+    for step, m in zip(steps, values):
+      bad = [k for k in ('loss', 'grad_norm')
+             if k in m and not math.isfinite(float(m[k]))]
+      if bad:
+        raise NonFiniteError(
+            f'{" and ".join(bad)} became {float(m[bad[0]])} at step {step}. '
+            'Training stopped; checkpoints up to the last good step are '
+            'intact. Lower config.learning_rate, or check the data, then '
+            'rerun to resume from the last checkpoint.')
       for k in KEYS:
         self.sums[k] += float(m[k])
-    self._pending = []
-    return self.sums
+    return dict(self.sums)
 
   def means(self):
     """Loss and accuracies averaged over every example seen."""

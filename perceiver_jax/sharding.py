@@ -80,3 +80,19 @@ def global_batch(mesh, local_batch):
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x),
       local_batch)
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None,
+                           process_id=None):
+  """Joins the processes of a multi-host run; call before any other JAX use.
+
+  On a Cloud TPU slice (or a cluster JAX can detect) no argument is needed.
+  GPU and CPU hosts pass the coordinator's `host:port`, the number of
+  processes and this process's index. CPU processes exchange data via gloo.
+  """
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
+                                  num_processes=num_processes,
+                                  process_id=process_id).items()
+            if v is not None}
+  jax.distributed.initialize(**kwargs)

@@ -21,6 +21,7 @@ from perceiver_jax import config_lib
 from perceiver_jax import input_pipeline
 from perceiver_jax import metrics as metrics_lib
 from perceiver_jax import model as model_lib
+from perceiver_jax import preemption
 from perceiver_jax import sharding as sharding_lib
 from perceiver_jax import steps
 
@@ -58,11 +59,13 @@ def normalization_stats(workdir, pipeline):
   return {k: np.asarray(v, np.float32) for k, v in stats.items()}
 
 
-def evaluate(eval_step, state, pipeline, split, mesh):
+def evaluate(eval_step, state, pipeline, split, mesh, epoch=None):
   """Means over every example of `split`; checks that each counted once."""
   sums = metrics_lib.MetricSums()
-  for batch in pipeline.eval_batches(split):
+  for i, batch in enumerate(pipeline.eval_batches(split)):
     sums.add(eval_step(state, sharding_lib.global_batch(mesh, batch)))
+    if i == 0 and split == 'validation':
+      preemption.kill_if('kill_in_eval', epoch)
   means = sums.means()
   expected = getattr(pipeline, f'num_{split}_examples')
   if int(sums.sums['count']) != expected:
@@ -90,14 +93,40 @@ def _epoch_record(epoch, lr, train, val):
   return record
 
 
+def check_resume_compatible(workdir, config):
+  """Refuses a workdir whose checkpoints belong to a different model or data."""
+  path = workdir / 'config.json'
+  has_checkpoints = (workdir / 'checkpoints').exists() and any(
+      (workdir / 'checkpoints').iterdir())
+  if not (has_checkpoints and path.exists()):
+    return
+  conflicts, allowed = config_lib.resume_conflicts(
+      json.loads(path.read_text()), config)
+  if conflicts:
+    raise config_lib.ConfigError(
+        f'--workdir={workdir} holds checkpoints of a run with a different '
+        'model or data, so it cannot resume with this config. Differing '
+        'fields (saved -> requested):\n  - ' + '\n  - '.join(conflicts) +
+        '\nUse a new --workdir, or pass the saved values (see '
+        f'{path}).')
+  if allowed:
+    logging.warning('Resuming with changed training settings: %s',
+                    '; '.join(allowed))
+
+
 class Experiment:
-  """Everything built from (config, workdir) before the first step runs."""
+  """Everything built from (config, workdir) before the first step runs.
+
+  The order is cheap checks first: config, workdir, resume compatibility,
+  dataset and device count all fail before any data is read or compiled.
+  """
 
   def __init__(self, config, workdir):
     config_lib.validate(config)
     self.config = config
     self.workdir = prepare_workdir(workdir)
-    self.info = input_pipeline.get_dataset_info(config)
+    check_resume_compatible(self.workdir, config)
+    input_pipeline.get_dataset_info(config)  # Validates name and features.
     self.mesh = sharding_lib.create_mesh()
     sharding_lib.check_batch_size(config.batch_size, self.mesh)
     metrics_lib.write_json(self.workdir / 'config.json', config.to_dict())
@@ -118,56 +147,87 @@ class Experiment:
         max_to_keep=config.checkpoint_max_to_keep)
     self.writer = metrics_lib.SummaryWriter(str(self.workdir / 'tensorboard'))
 
-
-def train_and_evaluate(config, workdir):
-  """Trains, validates every epoch, and returns the final test metrics."""
-  ex = Experiment(config, workdir)
-  config, pipeline, mesh = ex.config, ex.pipeline, ex.mesh
-  logging.info('Dataset %s: %d train / %d validation / %d test examples, '
-               '%d classes; %d devices, %d steps per epoch; %d parameters.',
-               ex.info.name, pipeline.num_train_examples,
-               pipeline.num_validation_examples, pipeline.num_test_examples,
-               ex.info.num_classes, mesh.devices.size,
-               pipeline.steps_per_epoch, steps.count_params(ex.state.params))
-
-  state, meta = ex.state, initial_meta(config)
-  restored = checkpointing.restore_latest(
-      ex.manager, checkpointing.abstract(state))
-  if restored is not None:
+  def restore_or_init(self):
+    """The latest good checkpoint's (state, meta), else the fresh ones."""
+    restored = checkpointing.restore_latest(
+        self.manager, checkpointing.abstract(self.state))
+    if restored is None:
+      return self.state, initial_meta(self.config)
     state, meta = restored
     logging.info('Resuming from step %d (epoch %d done).', int(state.step),
                  meta['epoch'])
+    return state, meta
 
-  state, meta = _train(ex, state, meta)
-  ex.manager.wait_until_finished()
+  def close(self):
+    self.manager.wait_until_finished()
+    self.writer.close()
+    self.manager.close()
 
+
+def train_and_evaluate(config, workdir):
+  """Trains, validates every epoch, and returns the final test metrics.
+
+  Raises `preemption.Preempted` after saving a checkpoint on SIGTERM, and
+  `metrics.NonFiniteError` when the loss or gradients stop being finite.
+  """
+  ex = Experiment(config, workdir)
+  config, pipeline, mesh = ex.config, ex.pipeline, ex.mesh
+  logging.info('Dataset %s: %d train / %d validation / %d test examples, '
+               '%d classes; %d devices in %d processes, %d steps per epoch; '
+               '%d parameters.', ex.info.name, pipeline.num_train_examples,
+               pipeline.num_validation_examples, pipeline.num_test_examples,
+               ex.info.num_classes, mesh.devices.size, jax.process_count(),
+               pipeline.steps_per_epoch, steps.count_params(ex.state.params))
+  state, meta = ex.restore_or_init()
+  watcher = preemption.PreemptionWatcher()
+  try:
+    state, meta = _train(ex, state, meta, watcher)
+    ex.manager.wait_until_finished()
+    results = _test(ex, state, meta)
+  finally:
+    watcher.close()
+    ex.close()
+  return results
+
+
+def _test(ex, state, meta):
+  """Evaluates the best (or final) weights on the test split and reports."""
   best_step = meta['best_step']
   es = callbacks.from_dict(callbacks.EarlyStoppingState,
                            meta['early_stopping'])
-  if (config.early_stopping.restore_best_weights and best_step is not None
+  if (ex.config.early_stopping.restore_best_weights and best_step is not None
       and best_step != int(state.step)):
     state, _ = checkpointing.restore(ex.manager, best_step,
                                      checkpointing.abstract(state))
     logging.info('Restored the best weights (epoch %d, val_loss %.4f).',
                  es.best_epoch, es.best)
-  test = evaluate(ex.eval_step, state, pipeline, 'test', mesh)
+  test = evaluate(ex.eval_step, state, ex.pipeline, 'test', ex.mesh)
   results = {'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
              'test_top5_accuracy': test['top5_accuracy'],
              'best_epoch': es.best_epoch, 'epochs_trained': meta['epoch']}
   metrics_lib.write_json(ex.workdir / 'results.json', results)
   ex.writer.scalars(int(state.step), {f'test/{k}': v for k, v in test.items()})
-  ex.writer.close()
-  ex.manager.close()
   if metrics_lib.is_chief():
     print(f'Test accuracy: {round(test["accuracy"] * 100, 2)}%')
     print(f'Test top 5 accuracy: {round(test["top5_accuracy"] * 100, 2)}%')
   return results
 
 
-def _train(ex, state, meta):
-  """Runs epochs from where `meta` says; returns the final state and meta."""
+def _save(ex, step, state, meta, is_best=None):
+  checkpointing.save(ex.manager, step, state, meta, is_best=is_best)
+  preemption.kill_if('kill_in_checkpoint_write', step)
+
+
+def _train(ex, state, meta, watcher):
+  """Runs epochs from where `meta` says; returns the final state and meta.
+
+  Checkpoints at every epoch end, every `checkpoint_every_steps` steps and
+  at a preemption notice; each save follows a finiteness check of every
+  step since the previous one, so no checkpoint ever holds a diverged state.
+  """
   config, pipeline, mesh = ex.config, ex.pipeline, ex.mesh
   spe = pipeline.steps_per_epoch
+  every = config.checkpoint_every_steps
   plateau = callbacks.from_dict(callbacks.PlateauState, meta['plateau'])
   es = callbacks.from_dict(callbacks.EarlyStoppingState,
                            meta['early_stopping'])
@@ -180,17 +240,31 @@ def _train(ex, state, meta):
     first = step - epoch * spe
     bar = metrics_lib.ProgressBar(epoch + 1, config.num_epochs, spe, first,
                                   config.batch_size)
+    preempted = False
     for s in range(first, spe):
       batch = sharding_lib.global_batch(mesh, pipeline.train_batch(epoch, s))
+      if preemption.fault('nan_learning_rate_at_step', step + 1):
+        lr = float('nan')
       state, step_metrics = ex.train_step(state, batch, lr)
-      sums.add(step_metrics)
       step += 1
-      if (s + 1) % config.log_every_steps == 0 or s + 1 == spe:
-        running = sums.means()
+      sums.add(step_metrics, step)
+      preempted = watcher.reached(step)
+      last = s + 1 == spe
+      save_now = not last and (preempted or (every and step % every == 0))
+      if save_now or last or (s + 1) % config.log_every_steps == 0:
+        running = sums.means()  # Also raises if a step went non-finite.
         bar.update(s + 1, running)
         ex.writer.scalars(step, {'train/running_loss': running['loss']})
+      if save_now:
+        _save(ex, step, state, dict(meta, epoch_sums=sums.flush()))
+      if preempted and not last:
+        ex.manager.wait_until_finished()
+        bar.close()
+        raise preemption.Preempted(step)
+      preemption.kill_if('kill_after_step', step)
     train_means = sums.means()
-    val = evaluate(ex.eval_step, state, pipeline, 'validation', mesh)
+    val = evaluate(ex.eval_step, state, pipeline, 'validation', mesh,
+                   epoch=epoch + 1)
     plateau = callbacks.plateau_update(plateau, val['loss'],
                                        **config.plateau.to_dict())
     es = callbacks.early_stopping_update(es, val['loss'], epoch + 1,
@@ -201,8 +275,7 @@ def _train(ex, state, meta):
     meta.update(epoch=epoch + 1, epoch_sums=None,
                 plateau=callbacks.to_dict(plateau),
                 early_stopping=callbacks.to_dict(es))
-    checkpointing.save(ex.manager, step, state, meta,
-                       is_best=es.best_epoch == epoch + 1)
+    _save(ex, step, state, meta, is_best=es.best_epoch == epoch + 1)
     _write_epoch_outputs(ex, step, meta['history'])
     bar.close(f"loss={train_means['loss']:.4f} acc={train_means['accuracy']:.4f}"
               f" val_loss={val['loss']:.4f} val_acc={val['accuracy']:.4f}"
@@ -213,6 +286,9 @@ def _train(ex, state, meta):
     if es.should_stop:
       logging.info('Epoch %d: early stopping (best epoch %d).', epoch + 1,
                    es.best_epoch)
+    if preempted:
+      ex.manager.wait_until_finished()
+      raise preemption.Preempted(step)
   return state, meta
 
 
@@ -229,4 +305,3 @@ def _write_epoch_outputs(ex, step, history):
              if k.startswith(('train_', 'val_'))}
   scalars['learning_rate'] = history[-1]['learning_rate']
   ex.writer.scalars(step, scalars)
-
