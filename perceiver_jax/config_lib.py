@@ -99,6 +99,43 @@ def config_problems(config):
   if get('mock_data'):
     need('mock_num_examples', lambda v: _is_int(v) and v > 0,
          'a positive integer when config.mock_data is True')
+
+  # ---- Perceiver paper options (model.py). A missing field means the
+  # seed's default, as in model.create_model.
+  def paper_option(name, default, ok, requirement, example):
+    value = config.get(name, default)
+    if not ok(value):
+      problems.append(f'config.{name}={value!r} must be {requirement}; pass '
+                      f'e.g. --config.{name}={example}.')
+    return value
+
+  one_of = lambda *allowed: lambda v: isinstance(v, str) and v in allowed
+  paper_option('position_encoding', 'learned', one_of('learned', 'fourier'),
+               "'learned' or 'fourier'", 'fourier')
+  paper_option('fourier_num_bands', 64, lambda v: _is_int(v) and v > 0,
+               'a positive integer', 64)
+  paper_option('fourier_max_resolution', 0, lambda v: _is_int(v) and v >= 0,
+               'a non-negative integer (0: the patch grid size)', 0)
+  paper_option('fourier_mode', 'concat', one_of('concat', 'add'),
+               "'concat' or 'add'", 'concat')
+  paper_option('weight_sharing', 'all', one_of('all', 'paper', 'none'),
+               "'all', 'paper' or 'none'", 'paper')
+  heads = paper_option(
+      'num_cross_heads', 0, lambda v: _is_int(v) and v >= 0,
+      "a non-negative integer (0: the seed's single head)", 8)
+  width = config.get('projection_dim')
+  if _is_int(heads) and heads > 0 and _is_int(width) and width > 0 and (
+      width % heads):
+    divisors = [k for k in range(1, width + 1) if width % k == 0]
+    problems.append(
+        f'config.num_cross_heads={heads} must divide config.projection_dim='
+        f'{width} (each head is projection_dim // num_cross_heads wide); '
+        f'choose 0 (the seed) or one of {divisors}.')
+  paper_option('decoder', 'mean', one_of('mean', 'query'),
+               "'mean' or 'query'", 'query')
+  paper_option('logits_dropout', True, lambda v: isinstance(v, bool),
+               'True or False', 'False')
+  # ---- End of Perceiver paper options.
   return problems
 
 
@@ -147,5 +184,8 @@ def resume_conflicts(saved, config):
       continue
     line = f'{name}: {old_value!r} -> {new_value!r}'
     top = name.split('.')[0]
-    (allowed if top in RESUMABLE_FIELDS else conflicts).append(line)
+    # A field the saved config lacks was added by a newer version of this
+    # code, whose defaults keep the old behaviour.
+    resumable = top in RESUMABLE_FIELDS or name not in saved
+    (allowed if resumable else conflicts).append(line)
   return conflicts, allowed

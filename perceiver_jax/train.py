@@ -261,7 +261,9 @@ def _train(ex, state, meta, watcher):
         ex.manager.wait_until_finished()
         bar.close()
         raise preemption.Preempted(step)
-      preemption.kill_if('kill_after_step', step)
+      if preemption.fault('kill_after_step', step):
+        ex.manager.wait_until_finished()  # Crash after the last save landed.
+        preemption.kill_if('kill_after_step', step)
     train_means = sums.means()
     val = evaluate(ex.eval_step, state, pipeline, 'validation', mesh,
                    epoch=epoch + 1)

@@ -83,3 +83,19 @@ def test_missing_field_and_mock_examples():
   problems = '\n'.join(config_lib.config_problems(config))
   assert 'config.seed is missing' in problems
   assert 'config.mock_num_examples=0 must be a positive integer' in problems
+
+
+def test_resume_conflicts_separate_model_from_training_fields():
+  saved = cifar100.get_config().to_dict()
+  saved.pop('remat')  # As if saved by a version without this field.
+  config = cifar100.get_config()
+  config.num_epochs = 80
+  config.plateau.patience = 5
+  config.latent_dim = 128
+  config.ffn_units = (128, 128)
+  conflicts, allowed = config_lib.resume_conflicts(saved, config)
+  assert conflicts == ['ffn_units: [256, 256] -> [128, 128]',
+                       'latent_dim: 256 -> 128']
+  assert allowed == ['num_epochs: 50 -> 80', 'plateau.patience: 3 -> 5',
+                     "remat: '<unset>' -> False"]
+  assert config_lib.resume_conflicts(saved, cifar100.get_config())[0] == []
