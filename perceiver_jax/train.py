@@ -165,7 +165,10 @@ class Experiment:
 
 
 def train_and_evaluate(config, workdir):
-  """Trains, validates every epoch, and returns the final test metrics.
+  """Trains, validates every epoch, tests; returns `(state, test_results)`.
+
+  The returned state holds the weights that were tested: the best epoch's
+  when `early_stopping.restore_best_weights` is set, as Keras leaves them.
 
   Raises `preemption.Preempted` after saving a checkpoint on SIGTERM, and
   `metrics.NonFiniteError` when the loss or gradients stop being finite.
@@ -183,11 +186,11 @@ def train_and_evaluate(config, workdir):
   try:
     state, meta = _train(ex, state, meta, watcher)
     ex.manager.wait_until_finished()
-    results = _test(ex, state, meta)
+    state, results = _test(ex, state, meta)
   finally:
     watcher.close()
     ex.close()
-  return results
+  return state, results
 
 
 def _test(ex, state, meta):
@@ -210,7 +213,7 @@ def _test(ex, state, meta):
   if metrics_lib.is_chief():
     print(f'Test accuracy: {round(test["accuracy"] * 100, 2)}%')
     print(f'Test top 5 accuracy: {round(test["top5_accuracy"] * 100, 2)}%')
-  return results
+  return state, results
 
 
 def _save(ex, step, state, meta, is_best=None):
