@@ -43,11 +43,11 @@ class MetricSums:
     values = jax.device_get([m for _, m in self._pending])
     self._pending = []
     for step, m in zip(steps, values):
-      bad = [k for k in ('loss', 'grad_norm')
+      bad = [k for k in ('loss', 'grad_norm', 'param_norm')
              if k in m and not math.isfinite(float(m[k]))]
       if bad:
         raise NonFiniteError(
-            f'{" and ".join(bad)} became {float(m[bad[0]])} at step {step}. '
+            f'{", ".join(bad)} became {float(m[bad[0]])} at step {step}. '
             'Training stopped; checkpoints up to the last good step are '
             'intact. Lower config.learning_rate, or check the data, then '
             'rerun to resume from the last checkpoint.')

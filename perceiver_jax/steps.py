@@ -93,7 +93,9 @@ def train_step(state, batch, learning_rate, *, config, stats):
   grads, logits = jax.grad(loss_fn, has_aux=True)(state.params)
   state = set_learning_rate(state, learning_rate).apply_gradients(grads=grads)
   metrics = _metric_sums(logits, labels, jnp.ones_like(labels))
+  # Norms let the host stop a diverging run at the step it diverged.
   metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['param_norm'] = optax.global_norm(state.params)
   return state, metrics
 
 

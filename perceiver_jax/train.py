@@ -173,6 +173,16 @@ def train_and_evaluate(config, workdir):
   Raises `preemption.Preempted` after saving a checkpoint on SIGTERM, and
   `metrics.NonFiniteError` when the loss or gradients stop being finite.
   """
+  # Listen for SIGTERM from the start: a notice during set-up still ends
+  # with a checkpoint after the first step.
+  watcher = preemption.PreemptionWatcher()
+  try:
+    return _train_and_evaluate(config, workdir, watcher)
+  finally:
+    watcher.close()
+
+
+def _train_and_evaluate(config, workdir, watcher):
   ex = Experiment(config, workdir)
   config, pipeline, mesh = ex.config, ex.pipeline, ex.mesh
   logging.info('Dataset %s: %d train / %d validation / %d test examples, '
@@ -182,13 +192,11 @@ def train_and_evaluate(config, workdir):
                ex.info.num_classes, mesh.devices.size, jax.process_count(),
                pipeline.steps_per_epoch, steps.count_params(ex.state.params))
   state, meta = ex.restore_or_init()
-  watcher = preemption.PreemptionWatcher()
   try:
     state, meta = _train(ex, state, meta, watcher)
     ex.manager.wait_until_finished()
     state, results = _test(ex, state, meta)
   finally:
-    watcher.close()
     ex.close()
   return state, results
 

@@ -1,6 +1,8 @@
 """Two processes x two CPU devices train exactly like one process x four."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -58,3 +60,31 @@ def test_two_processes_match_one_process(tmp_path):
   assert 'Epoch 1/1' not in err1
   assert (tmp_path / 'multi' / 'history.json').exists()
   assert (tmp_path / 'multi' / 'checkpoints').exists()
+
+
+def test_sigterm_on_one_host_makes_every_host_save_the_same_step(tmp_path):
+  port = _free_port()
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+  procs = [subprocess.Popen(
+      [sys.executable, 'main.py', '--config=configs/fake_data.py',
+       f'--workdir={tmp_path}', '--config.num_epochs=50',
+       '--config.log_every_steps=1', f'--coordinator_address=127.0.0.1:{port}',
+       '--num_processes=2', f'--process_id={i}'],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  # Once process 0 is training, only process 1 receives the notice.
+  seen = []
+  for line in procs[0].stderr:
+    seen.append(line)
+    if 'Epoch 2/50' in line:
+      procs[1].send_signal(signal.SIGTERM)
+      break
+  outputs = [p.communicate(timeout=300) for p in procs]
+  errs = [''.join(seen) + outputs[0][1], outputs[1][1]]
+  pattern = r'saved a checkpoint at step (\d+)'
+  saved = [re.findall(pattern, e) for e in errs]
+  for p, e in zip(procs, errs):
+    assert p.returncode == 128 + signal.SIGTERM, e[-5000:]
+  assert saved[0] and saved[0] == saved[1]
+  assert str(saved[0][0]) in os.listdir(tmp_path / 'checkpoints')
