@@ -65,4 +65,50 @@ def get_config():
   # Also save every N steps inside an epoch (0: only at epoch ends).
   config.checkpoint_every_steps = 0
   config.log_every_steps = 50
+
+  # ---- Perceiver paper options (model.py); the defaults are the seed's. ----
+  # 'learned' (the seed's position embedding) or 'fourier' (the paper's
+  # fixed sin/cos features of each patch's (row, col) in [-1, 1]).
+  config.position_encoding = 'learned'
+  config.fourier_num_bands = 64  # Frequencies per axis, 1 .. max_res / 2.
+  config.fourier_max_resolution = 0  # 0: the patch grid (image / patch).
+  # 'concat': features join the patch values before the projection (paper);
+  # 'add': their own Dense to projection_dim, added after the projection.
+  config.fourier_mode = 'concat'
+  # 'all' (seed: one cross-attention + Transformer for every iteration),
+  # 'paper' (iteration 1 unshared, 2..T share) or 'none' (T sets).
+  config.weight_sharing = 'all'
+  # 0 (seed: one head, learned scalar scale, no output projection) or k
+  # heads of projection_dim // k, 1/sqrt(head_dim), output projection.
+  config.num_cross_heads = 0
+  # 'mean' over latents (seed) or 'query' (Perceiver IO: a learned query
+  # cross-attends the latents); then the classifier FFN.
+  config.decoder = 'mean'
+  config.logits_dropout = True  # Seed: Dropout after the classifier logits.
+  # ---- End of Perceiver paper options. ----
+
+  # ---- Recipe options beyond the seed (recipe.py, mixing.py,
+  # randaugment.py); the defaults are the seed's exact behaviour. ----
+  # 'plateau' (seed: ReduceLROnPlateau above) or 'warmup_cosine': per step,
+  # linear from 0 to learning_rate over warmup_epochs, then cosine down to
+  # min_learning_rate at the end of num_epochs (plateau then unused).
+  config.lr_schedule = 'plateau'
+  config.warmup_epochs = 0
+  config.min_learning_rate = 0.0
+  config.label_smoothing = 0.0  # Train loss only; eval loss stays plain CE.
+  # 'all' (seed) or 'kernels': decay only Dense kernels (no biases, norms,
+  # scales, position embeddings, latent array, queries).
+  config.weight_decay_mask = 'all'
+  config.grad_clip_norm = 0.0  # Clip by global norm before LAMB; 0: off.
+  # MixUp / CutMix Beta(alpha, alpha) (0: off; both on: one per batch, p=.5);
+  # mix_prob: probability that a batch is mixed at all.
+  config.mixup_alpha = 0.0
+  config.cutmix_alpha = 0.0
+  config.mix_prob = 1.0
+  # RandAugment: ops per image (0: off) and magnitude on timm's 0..10 scale.
+  config.randaugment_num_ops = 0
+  config.randaugment_magnitude = 9.0
+  # EMA of the weights, used for validation and test; 0: off.
+  config.ema_decay = 0.0
+  # ---- End of recipe options. ----
   return config

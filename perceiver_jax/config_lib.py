@@ -136,6 +136,7 @@ def config_problems(config):
   paper_option('logits_dropout', True, lambda v: isinstance(v, bool),
                'True or False', 'False')
   # ---- End of Perceiver paper options.
+  problems.extend(_recipe_problems(config))
   return problems
 
 
@@ -189,3 +190,59 @@ def resume_conflicts(saved, config):
     resumable = top in RESUMABLE_FIELDS or name not in saved
     (allowed if resumable else conflicts).append(line)
   return conflicts, allowed
+
+
+# ---- Recipe options (recipe.py); a missing field means the seed's default.
+def _recipe_problems(config):
+  """Problems with the training-recipe fields; see configs/cifar100.py."""
+  from perceiver_jax import recipe  # pylint: disable=g-import-not-at-top
+  problems = []
+
+  def check(name, ok, requirement, example):
+    value = recipe.option(config, name)
+    if not ok(value):
+      problems.append(f'config.{name}={value!r} must be {requirement}; pass '
+                      f'e.g. --config.{name}={example}.')
+    return value
+
+  number = lambda low, high=float('inf'), open_high=False: lambda v: (
+      _is_number(v) and low <= v and (v < high if open_high else v <= high))
+  schedule = check('lr_schedule', lambda v: v in ('plateau', 'warmup_cosine'),
+                   "'plateau' or 'warmup_cosine'", 'warmup_cosine')
+  warmup = check('warmup_epochs', lambda v: _is_int(v) and v >= 0,
+                 'a non-negative integer', 5)
+  epochs = config.get('num_epochs')
+  if (schedule == 'warmup_cosine' and _is_int(warmup) and _is_int(epochs)
+      and warmup >= epochs):
+    problems.append(f'config.warmup_epochs={warmup} must be smaller than '
+                    f'config.num_epochs={epochs} with lr_schedule='
+                    "'warmup_cosine'; pass e.g. --config.warmup_epochs="
+                    f'{max(epochs // 10, 0)}.')
+  lr = config.get('learning_rate')
+  check('min_learning_rate',
+        number(0.0, lr if _is_number(lr) and lr > 0 else float('inf')),
+        'a number in [0, learning_rate]', 0.0)
+  check('label_smoothing', number(0.0, 1.0, open_high=True), 'in [0, 1)', 0.1)
+  check('weight_decay_mask', lambda v: v in ('all', 'kernels'),
+        "'all' or 'kernels'", 'kernels')
+  check('grad_clip_norm', number(0.0), 'a non-negative number (0: off)', 1.0)
+  for name in ('mixup_alpha', 'cutmix_alpha'):
+    check(name, number(0.0), 'a non-negative number (0: off)', 1.0)
+  check('mix_prob', number(0.0, 1.0), 'in [0, 1]', 1.0)
+  check('randaugment_num_ops', lambda v: _is_int(v) and 0 <= v <= 10,
+        'an integer in [0, 10] (0: off)', 2)
+  check('randaugment_magnitude', number(0.0, 10.0),
+        "in [0, 10] (timm's scale)", 9)
+  check('ema_decay', number(0.0, 1.0, open_high=True), 'in [0, 1) (0: off)',
+        0.9998)
+  return problems
+
+
+# Recipe fields steer training only and keep the state's structure, so a run
+# may resume with them changed; weight_decay_mask, grad_clip_norm and
+# ema_decay change the optimiser state or the EMA copy, so they may not.
+RESUMABLE_FIELDS += (
+    'lr_schedule', 'warmup_epochs', 'min_learning_rate', 'label_smoothing',
+    'mixup_alpha', 'cutmix_alpha', 'mix_prob', 'randaugment_num_ops',
+    'randaugment_magnitude',
+)

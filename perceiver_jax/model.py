@@ -7,7 +7,14 @@ Architecture, initialisers and layer order follow the Keras example exactly:
   -> mean over latents -> classifier FFN (ending in dropout, as in the seed)
 
 The cross-attention module and the latent Transformer are each applied
-`num_iterations` times with the SAME weights, as in the seed.
+`num_iterations` times with the SAME weights, as in the seed
+(`weight_sharing='all'`).
+
+Options from the Perceiver papers, each off by default so the default model
+is exactly the seed's: Fourier position features (`encoders.py`,
+`position_encoding.py`), the paper's weight sharing (first iteration
+unshared) or none, multi-head cross-attention, a Perceiver IO query decoder
+(`decoders.py`) and no dropout on the logits.
 
 Differences from the seed that do not change the function: the model takes
 already normalised and augmented images (augmentation runs in the input
@@ -15,79 +22,42 @@ pipeline / train step), and the latent array is broadcast over the batch
 instead of being passed with batch size 1.
 """
 
-import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from perceiver_jax import attention as attention_lib
+from perceiver_jax import decoders
+from perceiver_jax import encoders
+from perceiver_jax import position_encoding as position_lib
 
 keras_glorot_uniform = attention_lib.keras_glorot_uniform
-# Keras LayerNormalization(epsilon=1e-6); two-pass variance for stability.
-LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6,
-                              use_fast_variance=False)
+LayerNorm = attention_lib.LayerNorm
+keras_uniform = encoders.keras_uniform
+extract_patches = encoders.extract_patches
+PatchEncoder = encoders.PatchEncoder
 
-
-def keras_uniform(limit=0.05):
-  """Keras' "uniform" initialiser: U(-limit, limit) (Embedding's default)."""
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -limit, limit)
-  return init
-
-
-def extract_patches(images, patch_size):
-  """Non-overlapping patches, row-major, each flattened (row, col, channel).
-
-  Same result as `tf.image.extract_patches` (VALID, stride = size) followed
-  by a reshape to `[batch, num_patches, patch_size**2 * channels]`.
-  """
-  batch, height, width, channels = images.shape
-  if height % patch_size or width % patch_size:
-    raise ValueError(f'Image size {height}x{width} is not divisible by '
-                     f'patch_size {patch_size}.')
-  rows, cols = height // patch_size, width // patch_size
-  patches = images.reshape(batch, rows, patch_size, cols, patch_size, channels)
-  patches = patches.transpose(0, 1, 3, 2, 4, 5)
-  return patches.reshape(batch, rows * cols, patch_size**2 * channels)
-
-
-class PatchEncoder(nn.Module):
-  """Projects patches to `projection_dim` and adds a learned position embedding.
-
-  The seed's learned embedding (Keras Embedding over range(num_patches))
-  stands in for the paper's Fourier features.
-  """
-  patch_size: int
-  num_patches: int
-  projection_dim: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, images):
-    patches = extract_patches(images, self.patch_size)
-    if patches.shape[1] != self.num_patches:
-      raise ValueError(f'Expected {self.num_patches} patches, got '
-                       f'{patches.shape[1]}.')
-    encoded = nn.Dense(self.projection_dim, dtype=self.dtype,
-                       kernel_init=keras_glorot_uniform,
-                       name='projection')(patches)
-    position_embedding = self.param(
-        'position_embedding', keras_uniform(0.05),
-        (self.num_patches, self.projection_dim), jnp.float32)
-    return encoded + position_embedding.astype(encoded.dtype)
+# Which iterations share weights: 'all' (the seed: one cross-attention and
+# one Transformer for every iteration), 'paper' (iteration 1 has its own,
+# iterations 2..T share a second set) or 'none' (one set per iteration).
+WEIGHT_SHARING = ('all', 'paper', 'none')
+# How latents become the class representation: 'mean' (the seed) or
+# 'query' (Perceiver IO: a learned query cross-attends the latents).
+DECODERS = ('mean', 'query')
 
 
 class FeedForward(nn.Module):
   """The seed's `create_ffn`: Dense+GELU per width but the last, then dropout.
 
   The last Dense is linear and dropout follows it (for the classifier head,
-  dropout on the logits, exactly as the seed does).
+  dropout on the logits, exactly as the seed does) unless `final_dropout`
+  is False.
   """
   units: Sequence[int]
   dropout_rate: float
   dtype: Any = jnp.float32
+  final_dropout: bool = True
 
   def __post_init__(self):
     if not self.units or any(u <= 0 for u in self.units):
@@ -103,6 +73,8 @@ class FeedForward(nn.Module):
                    name=f'dense_{i}')(x)
       if i < len(self.units) - 1:
         x = nn.gelu(x, approximate=False)  # tf.nn.gelu's default, exact erf.
+    if not self.final_dropout:
+      return x
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
@@ -111,6 +83,11 @@ class CrossAttentionBlock(nn.Module):
 
   Note the residual adds the *normalised* latents (as the seed does), and the
   second residual adds the LayerNorm output, not its input.
+
+  `num_heads=0` is the seed's single head with a learned scalar scale and no
+  output projection; `num_heads=k` is standard multi-head attention (k heads
+  of width projection_dim // k, 1/sqrt(head_dim), output projection). Both
+  sow their weights when 'intermediates' is mutable.
   """
   projection_dim: int
   ffn_units: Sequence[int]
@@ -118,15 +95,33 @@ class CrossAttentionBlock(nn.Module):
   attention_dropout_rate: float
   dtype: Any = jnp.float32
   attention_impl: Optional[str] = 'xla'
+  num_heads: int = 0
+  attention_init: str = 'keras2'
+
+  def __post_init__(self):
+    if self.num_heads < 0 or (
+        self.num_heads and self.projection_dim % self.num_heads):
+      raise ValueError(f'num_cross_heads must be 0 (the seed) or divide '
+                       f'projection_dim {self.projection_dim}, got '
+                       f'{self.num_heads}.')
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, latents, data, deterministic):
     latents = LayerNorm(dtype=self.dtype, name='latent_norm')(latents)
     data = LayerNorm(dtype=self.dtype, name='data_norm')(data)
-    x = attention_lib.CrossAttention(
-        self.projection_dim, self.attention_dropout_rate, dtype=self.dtype,
-        attention_impl=self.attention_impl, name='attention')(
-            latents, data, deterministic=deterministic)
+    if self.num_heads:
+      attention = attention_lib.MultiHeadAttention(
+          self.num_heads, self.projection_dim // self.num_heads,
+          self.attention_dropout_rate, dtype=self.dtype,
+          attention_impl=self.attention_impl,
+          attention_init=self.attention_init, sow_weights=True,
+          name='attention')
+    else:
+      attention = attention_lib.CrossAttention(
+          self.projection_dim, self.attention_dropout_rate, dtype=self.dtype,
+          attention_impl=self.attention_impl, name='attention')
+    x = attention(latents, data, deterministic=deterministic)
     x = LayerNorm(dtype=self.dtype, name='ffn_norm')(x + latents)
     ffn = FeedForward(self.ffn_units, self.dropout_rate, dtype=self.dtype,
                       name='ffn')
@@ -206,7 +201,7 @@ class Perceiver(nn.Module):
     num_heads: heads of the latent self-attention (each projection_dim wide).
     ffn_units: FFN widths; the last must equal projection_dim (residual).
     num_transformer_blocks: blocks in the latent Transformer.
-    num_iterations: applications of the shared cross-attention + Transformer.
+    num_iterations: applications of the cross-attention + Transformer.
     classifier_units: hidden widths of the classifier head.
     num_classes: logits width.
     dropout_rate: dropout after every FFN, the head included.
@@ -217,6 +212,16 @@ class Perceiver(nn.Module):
       of the multi-head attention kernels.
     remat: rematerialise the cross-attention and Transformer blocks in the
       backward pass (less activation memory, about one more forward pass).
+    position_encoding: 'learned' (the seed) or 'fourier' (the paper).
+    fourier_num_bands: Fourier frequencies per axis.
+    fourier_max_resolution: top frequency is this / 2; 0: the patch grid.
+    fourier_mode: 'concat' Fourier features to the patches before the
+      projection, or 'add' them after their own projection.
+    weight_sharing: one of WEIGHT_SHARING.
+    num_cross_heads: 0 (the seed's single head with a learned scale) or the
+      heads of a standard multi-head cross-attention; divides projection_dim.
+    decoder: one of DECODERS.
+    logits_dropout: end the classifier with dropout on the logits (seed).
   """
   image_size: int
   patch_size: int
@@ -234,6 +239,14 @@ class Perceiver(nn.Module):
   attention_impl: Optional[str] = 'xla'
   attention_init: str = 'keras2'
   remat: bool = False
+  position_encoding: str = 'learned'
+  fourier_num_bands: int = 64
+  fourier_max_resolution: int = 0
+  fourier_mode: str = 'concat'
+  weight_sharing: str = 'all'
+  num_cross_heads: int = 0
+  decoder: str = 'mean'
+  logits_dropout: bool = True
 
   def __post_init__(self):
     for name in ('image_size', 'patch_size', 'latent_dim', 'projection_dim',
@@ -261,11 +274,42 @@ class Perceiver(nn.Module):
                        f'{self.attention_init!r}.')
     if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
       raise ValueError(f'dtype must be a float dtype, got {self.dtype!r}.')
+    self._check_paper_options()
     super().__post_init__()
+
+  def _check_paper_options(self):
+    """Raises ValueError naming the option and its allowed values."""
+    for name, allowed in (
+        ('position_encoding', position_lib.POSITION_ENCODINGS),
+        ('fourier_mode', position_lib.FOURIER_MODES),
+        ('weight_sharing', WEIGHT_SHARING), ('decoder', DECODERS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f'{name} must be one of {allowed}, got '
+                         f'{getattr(self, name)!r}.')
+    for name, low in (('fourier_num_bands', 1), ('fourier_max_resolution', 0)):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < low:
+        raise ValueError(f'{name} must be an int >= {low}, got {value!r}.')
+    if not isinstance(self.logits_dropout, bool):
+      raise ValueError(f'logits_dropout must be True or False, got '
+                       f'{self.logits_dropout!r}.')
+    heads = self.num_cross_heads
+    if not isinstance(heads, int) or heads < 0 or (
+        heads and self.projection_dim % heads):
+      raise ValueError(
+          f'num_cross_heads must be 0 (the seed\'s single head) or a positive '
+          f'int dividing projection_dim {self.projection_dim}, got '
+          f'{self.num_cross_heads!r}.')
 
   @property
   def num_patches(self):
     return (self.image_size // self.patch_size)**2
+
+  @property
+  def num_weight_sets(self):
+    """Distinct cross-attention + Transformer weight sets."""
+    return {'all': 1, 'paper': min(self.num_iterations, 2),
+            'none': self.num_iterations}[self.weight_sharing]
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -276,7 +320,9 @@ class Perceiver(nn.Module):
       train: enables dropout; needs a 'dropout' rng when True.
 
     Returns:
-      float32 logits `[batch, num_classes]`.
+      float32 logits `[batch, num_classes]`. With `mutable=['intermediates']`
+      the encoder cross-attention also sows its weights, one entry per
+      iteration (see `cross_attention_weights`).
     """
     if images.ndim != 4 or images.shape[1:3] != (self.image_size,) * 2:
       raise ValueError(
@@ -287,33 +333,80 @@ class Perceiver(nn.Module):
     common = dict(dropout_rate=self.dropout_rate,
                   attention_dropout_rate=self.attention_dropout_rate,
                   dtype=self.dtype, attention_impl=self.attention_impl)
-    data = PatchEncoder(self.patch_size, self.num_patches, self.projection_dim,
-                        dtype=self.dtype, name='patch_encoder')(
-                            images.astype(self.dtype))
+    data = PatchEncoder(
+        self.patch_size, self.num_patches, self.projection_dim,
+        dtype=self.dtype, position_encoding=self.position_encoding,
+        fourier_num_bands=self.fourier_num_bands,
+        fourier_max_resolution=self.fourier_max_resolution,
+        fourier_mode=self.fourier_mode, name='patch_encoder')(
+            images.astype(self.dtype))
     latent_array = self.param(
         'latent_array', nn.initializers.normal(stddev=0.05),  # random_normal
         (self.latent_dim, self.projection_dim), jnp.float32)
     latents = jnp.broadcast_to(latent_array.astype(self.dtype),
                                (images.shape[0],) + latent_array.shape)
-    # Created once, called every iteration: weights are shared, as in the seed.
+    # Each set is created once and called on its iterations: with 'all' (the
+    # seed) one set serves every iteration under the seed's names.
     cross_cls = (remat(CrossAttentionBlock, 3) if self.remat else
                  CrossAttentionBlock)
-    cross_attention = cross_cls(
-        self.projection_dim, tuple(self.ffn_units), name='cross_attention',
-        **common)
-    transformer = LatentTransformer(
-        self.num_transformer_blocks, self.num_heads, self.projection_dim,
-        tuple(self.ffn_units), attention_init=self.attention_init,
-        remat=self.remat, name='latent_transformer', **common)
-    for _ in range(self.num_iterations):
-      latents = cross_attention(latents, data, deterministic)
-      latents = transformer(latents, deterministic=deterministic)
-    representation = jnp.mean(latents, axis=1)  # GlobalAveragePooling1D.
+    suffix = lambda i: '' if self.weight_sharing == 'all' else f'_{i}'
+    cross_attentions, transformers = [], []
+    for i in range(self.num_weight_sets):
+      cross_attentions.append(cross_cls(
+          self.projection_dim, tuple(self.ffn_units),
+          num_heads=self.num_cross_heads, attention_init=self.attention_init,
+          name='cross_attention' + suffix(i), **common))
+      transformers.append(LatentTransformer(
+          self.num_transformer_blocks, self.num_heads, self.projection_dim,
+          tuple(self.ffn_units), attention_init=self.attention_init,
+          remat=self.remat, name='latent_transformer' + suffix(i), **common))
+    for t in range(self.num_iterations):
+      i = min(t, self.num_weight_sets - 1)
+      latents = cross_attentions[i](latents, data, deterministic)
+      latents = transformers[i](latents, deterministic=deterministic)
+    if self.decoder == 'mean':
+      representation = jnp.mean(latents, axis=1)  # GlobalAveragePooling1D.
+    else:
+      representation = decoders.QueryDecoder(
+          self.projection_dim, max(self.num_cross_heads, 1),
+          self.attention_dropout_rate, dtype=self.dtype,
+          attention_impl=self.attention_impl,
+          attention_init=self.attention_init, name='decoder')(
+              latents, deterministic=deterministic)
     logits = FeedForward(
         tuple(self.classifier_units) + (self.num_classes,), self.dropout_rate,
-        dtype=self.dtype, name='classifier')(
-            representation, deterministic=deterministic)
+        dtype=self.dtype, final_dropout=self.logits_dropout,
+        name='classifier')(representation, deterministic=deterministic)
     return logits.astype(jnp.float32)
+
+
+def cross_attention_weights(intermediates):
+  """The sown encoder attention weights, one per iteration, in order.
+
+  Args:
+    intermediates: the 'intermediates' collection returned by
+      `model.apply(..., mutable=['intermediates'])`.
+
+  Returns:
+    A list of `num_iterations` float32 arrays `[batch, heads, latents,
+    inputs]` (heads is 1 for the seed's cross-attention).
+  """
+  def index(name):  # 'cross_attention' (shared by all), or '_<i>'.
+    return int(name.rpartition('_')[2]) if name[-1].isdigit() else 0
+
+  names = sorted((n for n in intermediates if n.startswith('cross_attention')),
+                 key=index)
+  return [w for n in names
+          for w in intermediates[n]['attention'][
+              attention_lib.ATTENTION_WEIGHTS]]
+
+
+# Config fields of the paper options and their seed defaults; older configs
+# without them build the seed's model.
+PAPER_OPTION_DEFAULTS = dict(
+    position_encoding='learned', fourier_num_bands=64,
+    fourier_max_resolution=0, fourier_mode='concat', weight_sharing='all',
+    num_cross_heads=0, decoder='mean', logits_dropout=True)
 
 
 def create_model(config, num_classes):
@@ -323,8 +416,9 @@ def create_model(config, num_classes):
     config: ConfigDict with image_size, patch_size, latent_dim, projection_dim,
       num_heads, ffn_units, num_transformer_blocks, num_iterations,
       classifier_units, dropout_rate, attention_dropout_rate and optionally
-      dtype (compute dtype name, default 'float32') and attention_impl
-      (default 'xla').
+      dtype (compute dtype name, default 'float32'), attention_impl
+      (default 'xla'), attention_init, remat and the paper options of
+      PAPER_OPTION_DEFAULTS (defaults: the seed's model).
     num_classes: width of the logits.
 
   Returns:
@@ -352,4 +446,6 @@ def create_model(config, num_classes):
       attention_impl=config.get('attention_impl', 'xla'),
       attention_init=config.get('attention_init', 'keras2'),
       remat=config.get('remat', False),
+      **{name: config.get(name, default)
+         for name, default in PAPER_OPTION_DEFAULTS.items()},
   )
