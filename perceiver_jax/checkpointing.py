@@ -35,7 +35,10 @@ def create_manager(directory, *, max_to_keep):
   ])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=preservation, create=True,
-      enable_async_checkpointing=True)
+      enable_async_checkpointing=True,
+      # Without best_fn orbax does not persist the metrics, and a manager
+      # reopened on resume would no longer know which checkpoint is best.
+      best_fn=lambda m: m[BEST_MARKER], best_mode='max')
   return ocp.CheckpointManager(directory, options=options,
                                item_names=('state', 'meta'))
 
@@ -61,21 +64,32 @@ def restore(manager, step, abstract_state):
   return restored['state'], restored['meta']
 
 
+class NoUsableCheckpointError(ValueError):
+  """Checkpoints exist but none restores: refuse to silently start over."""
+
+
 def restore_latest(manager, abstract_state):
   """The newest checkpoint that restores, or None when there is none.
 
   A checkpoint that fails to restore (truncated or corrupted files) is
   reported by name and the next older one is tried, so a damaged latest
-  checkpoint costs only the work since the one before it.
+  checkpoint costs only the work since the one before it. If none restores
+  the run stops rather than overwrite them with a fresh start.
   """
   manager.reload()
-  for step in sorted(manager.all_steps(), reverse=True):
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
     try:
       return restore(manager, step, abstract_state)
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('Checkpoint %s/%d is unreadable (%s: %s); trying the '
                       'previous one.', manager.directory, step,
-                      type(e).__name__, e)
+                      type(e).__name__, str(e)[:500])
+  if steps:
+    raise NoUsableCheckpointError(
+        f'None of the checkpoints {steps} in {manager.directory} could be '
+        'restored into this model (see the warnings above). Use a new '
+        '--workdir, or move the checkpoints away to start over.')
   return None
 
 

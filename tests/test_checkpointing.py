@@ -5,6 +5,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from perceiver_jax import checkpointing
 
@@ -83,3 +84,27 @@ def test_a_later_improvement_replaces_the_best(tmp_path):
   _save_epochs(manager, [1, 2, 2, 4, 4, 4])
   manager.reload()
   assert sorted(manager.all_steps()) == [40, 60]
+
+
+def test_best_survives_reopening_the_manager(tmp_path):
+  manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=1)
+  _save_epochs(manager, [1])
+  manager.close()
+  # A resumed run opens a new manager; the best must still be known.
+  manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=1)
+  checkpointing.save(manager, 20, _state(2), {'epoch': 2}, is_best=False)
+  checkpointing.save(manager, 30, _state(3), {'epoch': 3}, is_best=False)
+  manager.wait_until_finished()
+  manager.reload()
+  assert sorted(manager.all_steps()) == [10, 30]
+  assert manager.best_step() == 10
+
+
+def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+  manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=3)
+  _save_epochs(manager, [1, 2])
+  other_model = {'params': {'w': jnp.zeros((7,))},
+                 'step': jnp.asarray(0, jnp.int32)}
+  with pytest.raises(checkpointing.NoUsableCheckpointError,
+                     match=r'None of the checkpoints \[20, 10\]'):
+    checkpointing.restore_latest(manager, checkpointing.abstract(other_model))
