@@ -4,9 +4,12 @@ Importable without tensorflow, so benchmarks and accelerator checks can run
 where only JAX is installed. The steps take raw uint8 batches; normalisation
 and augmentation run inside the step (see `augment.py`), keyed by
 `fold_in(key(seed), step)`, so a run is reproducible from (seed, step) alone.
+The recipe options beyond the seed (recipe.py, mixing.py, randaugment.py)
+are static: off, they leave the seed's step exactly as it was.
 """
 
 import functools
+from typing import Any
 
 from flax.training import train_state
 import jax
@@ -14,22 +17,30 @@ import jax.numpy as jnp
 import optax
 
 from perceiver_jax import augment
+from perceiver_jax import mixing
+from perceiver_jax import randaugment
+from perceiver_jax import recipe
 from perceiver_jax import sharding as sharding_lib
 
 
 class TrainState(train_state.TrainState):
-  """Flax TrainState; the optimiser carries the learning rate as a hyperparam."""
+  """Flax TrainState; the optimiser carries the learning rate as a hyperparam.
+
+  `ema_params` is the moving average of the weights when `config.ema_decay`
+  is set (checkpointed with the rest, so resuming stays exact), else None.
+  """
+  ema_params: Any = None
 
 
 def create_optimizer(config):
   """LAMB as in the seed (tfa LAMB defaults match optax's: b1 .9, b2 .999, eps 1e-6).
 
   `inject_hyperparams` keeps the learning rate in the optimiser state, so the
-  plateau controller can change it between epochs without recompiling and it
-  is saved with every checkpoint.
+  host (plateau controller or schedule) can change it without recompiling
+  and it is saved with every checkpoint. See `recipe.create_optimizer` for
+  the optional decay mask and gradient clipping.
   """
-  return optax.inject_hyperparams(optax.lamb)(
-      learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+  return recipe.create_optimizer(config)
 
 
 def step_rngs(seed, step):
@@ -46,16 +57,21 @@ def create_train_state(config, model, image_shape, mesh, rules=()):
   def init():
     params = model.init({'params': jax.random.key(config.seed)}, dummy,
                         train=False)['params']
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                             ema_params=recipe.initial_ema(config, params))
 
   abstract = jax.eval_shape(init)
   shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
-def _metric_sums(logits, labels, mask):
-  """Per-batch sums (not means), so partial and padded batches add up exactly."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def _metric_sums(logits, labels, mask, losses=None):
+  """Per-batch sums (not means), so partial and padded batches add up exactly.
+
+  `losses` defaults to the plain cross-entropy against `labels`.
+  """
+  if losses is None:
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   k = min(5, logits.shape[-1])
   top_k = jax.lax.top_k(logits, k)[1]
   correct = top_k == labels[:, None]
@@ -77,22 +93,55 @@ def set_learning_rate(state, learning_rate):
       opt_state=state.opt_state._replace(hyperparams=hyperparams))
 
 
-def train_step(state, batch, learning_rate, *, config, stats):
-  """One LAMB step on a global batch; returns the new state and metric sums."""
-  aug_rng, dropout_rng = step_rngs(config.seed, state.step)
-  images = augment.preprocess_train(aug_rng, batch['image'], stats['mean'],
+def augment_train(aug_rng, batch, config, stats):
+  """[RandAugment on the raw images ->] the seed's augmentation [-> mixing].
+
+  Returns `(images, mix)`; `mix` is None unless MixUp / CutMix is on. The
+  recipe options draw from keys folded out of `aug_rng`, so the seed's own
+  draws (flip, zoom) are the same whether they are on or not.
+  """
+  images = batch['image']
+  num_ops = recipe.option(config, 'randaugment_num_ops')
+  if num_ops:
+    images = randaugment.rand_augment(
+        jax.random.fold_in(aug_rng, 1), images, num_ops,
+        recipe.option(config, 'randaugment_magnitude'))
+  images = augment.preprocess_train(aug_rng, images, stats['mean'],
                                     stats['variance'], config.image_size)
+  mixup_alpha = recipe.option(config, 'mixup_alpha')
+  cutmix_alpha = recipe.option(config, 'cutmix_alpha')
+  if not (mixup_alpha or cutmix_alpha):
+    return images, None
+  return mixing.mix_batch(
+      jax.random.fold_in(aug_rng, 2), images, batch['label'],
+      mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+      mix_prob=recipe.option(config, 'mix_prob'))
+
+
+def train_step(state, batch, learning_rate, *, config, stats):
+  """One LAMB step on a global batch; returns the new state and metric sums.
+
+  The reported loss is the training objective (smoothed and mixed targets
+  when those are on); accuracies count against the batch's own labels,
+  also when its images are mixed.
+  """
+  aug_rng, dropout_rng = step_rngs(config.seed, state.step)
+  images, mix = augment_train(aug_rng, batch, config, stats)
   labels = batch['label']
 
   def loss_fn(params):
     logits = state.apply_fn({'params': params}, images, train=True,
                             rngs={'dropout': dropout_rng})
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.mean(loss), logits
+    losses = recipe.train_losses(config, logits, labels, mix)
+    return jnp.mean(losses), (logits, losses)
 
-  grads, logits = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, (logits, losses) = jax.grad(loss_fn, has_aux=True)(state.params)
   state = set_learning_rate(state, learning_rate).apply_gradients(grads=grads)
-  metrics = _metric_sums(logits, labels, jnp.ones_like(labels))
+  ema_decay = recipe.option(config, 'ema_decay')
+  if ema_decay:
+    state = state.replace(ema_params=recipe.ema_update(
+        state.ema_params, state.params, ema_decay))
+  metrics = _metric_sums(logits, labels, jnp.ones_like(labels), losses)
   # Norms let the host stop a diverging run at the step it diverged.
   metrics['grad_norm'] = optax.global_norm(grads)
   metrics['param_norm'] = optax.global_norm(state.params)
@@ -100,10 +149,14 @@ def train_step(state, batch, learning_rate, *, config, stats):
 
 
 def eval_step(state, batch, *, config, stats):
-  """Metric sums over the real (mask 1) examples of a padded eval batch."""
+  """Metric sums over the real (mask 1) examples of a padded eval batch.
+
+  Uses the EMA weights when they are kept (`recipe.eval_params`).
+  """
   images = augment.preprocess_eval(batch['image'], stats['mean'],
                                    stats['variance'], config.image_size)
-  logits = state.apply_fn({'params': state.params}, images, train=False)
+  logits = state.apply_fn({'params': recipe.eval_params(state)}, images,
+                          train=False)
   return _metric_sums(logits, batch['label'], batch['mask'])
 
 

@@ -1,7 +1,8 @@
 """Training loop: `train_and_evaluate(config, workdir)` runs a whole experiment.
 
 Per epoch: train on the training split, evaluate on validation, apply Keras
-ReduceLROnPlateau and EarlyStopping, checkpoint, write the history. At the
+ReduceLROnPlateau (or follow `config.lr_schedule`, see recipe.py) and
+EarlyStopping, checkpoint, write the history. At the
 end the best weights are evaluated on the test split and printed the way the
 Keras example prints them. Rerunning with the same workdir resumes from the
 latest checkpoint at the next batch.
@@ -22,6 +23,7 @@ from perceiver_jax import input_pipeline
 from perceiver_jax import metrics as metrics_lib
 from perceiver_jax import model as model_lib
 from perceiver_jax import preemption
+from perceiver_jax import recipe
 from perceiver_jax import sharding as sharding_lib
 from perceiver_jax import steps
 
@@ -142,6 +144,8 @@ class Experiment:
         config, self.model, image_shape, self.mesh)
     self.train_step, self.eval_step = steps.jit_steps(
         config, self.stats, self.mesh, self.state_shardings)
+    self.learning_rates = recipe.LearningRates(config,
+                                               self.pipeline.steps_per_epoch)
     self.manager = checkpointing.create_manager(
         (self.workdir / 'checkpoints').resolve(),
         max_to_keep=config.checkpoint_max_to_keep)
@@ -246,7 +250,7 @@ def _train(ex, state, meta, watcher):
   for epoch in range(meta['epoch'], config.num_epochs):
     if es.should_stop:
       break
-    lr = plateau.learning_rate
+    lr = ex.learning_rates.of_epoch(epoch, plateau.learning_rate)
     sums = metrics_lib.MetricSums(meta['epoch_sums'])
     first = step - epoch * spe
     bar = metrics_lib.ProgressBar(epoch + 1, config.num_epochs, spe, first,
@@ -254,9 +258,10 @@ def _train(ex, state, meta, watcher):
     preempted = False
     for s in range(first, spe):
       batch = sharding_lib.global_batch(mesh, pipeline.train_batch(epoch, s))
+      step_lr = ex.learning_rates.at(step, plateau.learning_rate)
       if preemption.fault('nan_learning_rate_at_step', step + 1):
-        lr = float('nan')
-      state, step_metrics = ex.train_step(state, batch, lr)
+        step_lr = float('nan')
+      state, step_metrics = ex.train_step(state, batch, step_lr)
       step += 1
       sums.add(step_metrics, step)
       preempted = watcher.reached(step)
@@ -265,7 +270,8 @@ def _train(ex, state, meta, watcher):
       if save_now or last or (s + 1) % config.log_every_steps == 0:
         running = sums.means()  # Also raises if a step went non-finite.
         bar.update(s + 1, running)
-        ex.writer.scalars(step, {'train/running_loss': running['loss']})
+        ex.writer.scalars(step, {'train/running_loss': running['loss'],
+                                 'train/learning_rate': step_lr})
       if save_now:
         _save(ex, step, state, dict(meta, epoch_sums=sums.flush()))
       if preempted and not last:
@@ -278,8 +284,9 @@ def _train(ex, state, meta, watcher):
     train_means = sums.means()
     val = evaluate(ex.eval_step, state, pipeline, 'validation', mesh,
                    epoch=epoch + 1)
-    plateau = callbacks.plateau_update(plateau, val['loss'],
-                                       **config.plateau.to_dict())
+    if ex.learning_rates.uses_plateau:  # A schedule ignores the plateau.
+      plateau = callbacks.plateau_update(plateau, val['loss'],
+                                         **config.plateau.to_dict())
     es = callbacks.early_stopping_update(es, val['loss'], epoch + 1,
                                          **_es_kwargs(config))
     meta['history'].append(_epoch_record(epoch + 1, lr, train_means, val))
@@ -293,7 +300,7 @@ def _train(ex, state, meta, watcher):
     bar.close(f"loss={train_means['loss']:.4f} acc={train_means['accuracy']:.4f}"
               f" val_loss={val['loss']:.4f} val_acc={val['accuracy']:.4f}"
               f" val_top5={val['top5_accuracy']:.4f} lr={lr:.3g}")
-    if plateau.learning_rate < lr:
+    if ex.learning_rates.uses_plateau and plateau.learning_rate < lr:
       logging.info('Epoch %d: ReduceLROnPlateau reducing learning rate to %g.',
                    epoch + 1, plateau.learning_rate)
     if es.should_stop:
