@@ -1,0 +1,309 @@
+"""A trained workdir for the tools: its config, statistics and best weights.
+
+`--mode=eval`, `--mode=predict` and `--mode=attention` all start from what
+training left in the workdir rather than from the command line, so they see
+exactly the model, data and normalisation the weights were trained with:
+`config.json`, `normalization.json` and the checkpoint early stopping judged
+best (the weights the end of training tested). Only fields that change how,
+not what, is computed may be overridden (`OVERRIDABLE_FIELDS`).
+
+`evaluate` is `--mode=eval`: the best weights on the whole test split, each
+example once, reusing the training code's padded and masked evaluation.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+from typing import Any, Optional, Sequence
+
+from etils import epath
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from perceiver_jax import augment
+from perceiver_jax import checkpointing
+from perceiver_jax import config_lib
+from perceiver_jax import input_pipeline
+from perceiver_jax import metrics as metrics_lib
+from perceiver_jax import model as model_lib
+from perceiver_jax import recipe
+from perceiver_jax import sharding as sharding_lib
+from perceiver_jax import steps
+
+CONFIG_FILE = 'config.json'
+NORMALIZATION_FILE = 'normalization.json'
+CLASS_NAMES_FILE = 'class_names.json'
+CHECKPOINT_DIR = 'checkpoints'
+# Config fields the tools' command line may override (`--config.FIELD=`):
+# they change batching, where the data lives or the compute precision, not
+# which model or data the weights belong to.
+OVERRIDABLE_FIELDS = ('batch_size', 'tfds_data_dir', 'dtype', 'attention_impl')
+
+
+def _no_run_error(workdir, missing):
+  return ValueError(
+      f'--workdir={workdir} has no {missing}, so it does not hold a trained '
+      'model (training writes config.json and normalization.json at its '
+      'start and a checkpoint after every epoch). Pass the --workdir of a '
+      'training run, e.g. one made with `python main.py --config=... '
+      '--workdir=DIR`.')
+
+
+def check_workdir(workdir):
+  """Fails fast, before anything heavy, unless `workdir` holds a trained run."""
+  path = epath.Path(workdir)
+  for name in (CONFIG_FILE, NORMALIZATION_FILE):
+    if not (path / name).exists():
+      raise _no_run_error(workdir, name)
+  checkpoints = path / CHECKPOINT_DIR
+  if not (checkpoints.exists() and any(
+      p.name.isdigit() for p in checkpoints.iterdir())):
+    raise _no_run_error(workdir, 'checkpoint')
+  return path
+
+
+def load_config(workdir, overrides=None):
+  """The saved config of the run, with `overrides` of OVERRIDABLE_FIELDS only.
+
+  Args:
+    workdir: a training run's workdir.
+    overrides: `{field: value}`, e.g. the `--config.FIELD=` flags.
+
+  Returns:
+    A validated ConfigDict.
+  """
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise _no_run_error(workdir, CONFIG_FILE)
+  saved = json.loads(path.read_text())
+  overrides = dict(overrides or {})
+  refused = sorted(set(overrides) - set(OVERRIDABLE_FIELDS))
+  if refused:
+    raise ValueError(
+        f'--config.{refused[0]} cannot be overridden here: the tools use the '
+        f'config the weights were trained with ({path}). Only '
+        f'{", ".join(OVERRIDABLE_FIELDS)} may change; drop '
+        + ', '.join(f'--config.{f}' for f in refused) + '.')
+  for name, value in overrides.items():
+    if saved.get(name) != value:
+      logging.info('Overriding the saved config: %s %r -> %r.', name,
+                   saved.get(name), value)
+    saved[name] = value
+  return config_lib.validate(ml_collections.ConfigDict(saved))
+
+
+def load_stats(workdir):
+  """The training split's per-channel mean and variance, as training used."""
+  path = epath.Path(workdir) / NORMALIZATION_FILE
+  if not path.exists():
+    raise _no_run_error(workdir, NORMALIZATION_FILE)
+  return {k: np.asarray(v, np.float32)
+          for k, v in json.loads(path.read_text()).items()}
+
+
+def class_names(workdir, info):
+  """Class names, from the workdir's `class_names.json` if it has one.
+
+  Otherwise the dataset's (as tfds knows them here) are written there, so a
+  workdir copied to a machine without the prepared dataset keeps its names
+  (before preparation tfds may only know '0', '1', ...).
+  """
+  path = epath.Path(workdir) / CLASS_NAMES_FILE
+  if path.exists():
+    names = tuple(json.loads(path.read_text()))
+    if len(names) == info.num_classes:
+      return names
+    logging.warning('%s lists %d names for %d classes; using the dataset\'s.',
+                    path, len(names), info.num_classes)
+  try:
+    metrics_lib.write_json(path, list(info.class_names))
+  except OSError as e:  # A read-only workdir still works.
+    logging.warning('Could not write %s (%s).', path, e)
+  return info.class_names
+
+
+def select_checkpoint(manager):
+  """`(step, description)` of the early-stopping best checkpoint.
+
+  The latest checkpoint's meta records the best step, as training's final
+  test reads it (orbax's `best_step` metrics are only kept in memory). With
+  no best recorded, or its checkpoint gone, the latest is used, with a
+  warning.
+  """
+  manager.reload()
+  all_steps = sorted(manager.all_steps(), reverse=True)
+  meta = None
+  for step in all_steps:
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+      break
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Checkpoint %s/%d is unreadable (%s); trying the '
+                      'previous one.', manager.directory, step, e)
+  if meta is None:
+    raise ValueError(f'No checkpoint in {manager.directory} can be read.')
+  best = meta.get(checkpointing.BEST_MARKER)
+  if best is not None and best in all_steps:
+    return best, 'best'
+  reason = ('no epoch has finished, so no best is recorded' if best is None
+            else f'the best checkpoint (step {best}) was deleted')
+  logging.warning('%s in %s; using the latest checkpoint, step %d.',
+                  reason[0].upper() + reason[1:], manager.directory, step)
+  return step, 'latest'
+
+
+def inference_params(state):
+  """The weights to evaluate: the EMA weights when the run kept them.
+
+  The same choice as the training's validation and test (`recipe`).
+  """
+  return recipe.eval_params(state)
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  """A workdir's model with its restored weights and everything to run it."""
+  workdir: Any
+  config: ml_collections.ConfigDict
+  info: input_pipeline.DatasetInfo
+  class_names: Sequence[str]
+  stats: dict
+  model: Any
+  state: Any  # steps.TrainState, restored into `state_shardings` on `mesh`.
+  state_shardings: Any
+  mesh: Any
+  step: int
+  checkpoint: str  # 'best' or 'latest'.
+  epoch: Optional[int]
+
+  @property
+  def params(self):
+    return inference_params(self.state)
+
+  @property
+  def uses_ema(self):
+    return self.params is not self.state.params
+
+  @property
+  def image_shape(self):
+    """Native `(height, width, channels)` of the dataset's images."""
+    return self.info.height, self.info.width, self.info.channels
+
+  def preprocess(self, images):
+    """Raw uint8 `[n, height, width, channels]` as evaluation sees them."""
+    return augment.preprocess_eval(images, self.stats['mean'],
+                                   self.stats['variance'],
+                                   self.config.image_size)
+
+  @functools.cached_property
+  def _logits(self):
+    return jax.jit(lambda params, images: self.model.apply(
+        {'params': params}, self.preprocess(images), train=False))
+
+  def logits(self, images):
+    """float32 logits of raw uint8 images, as `--mode=eval` computes them."""
+    return np.asarray(self._logits(self.params, np.asarray(images)))
+
+
+def _abstract_state(config, model, image_shape, mesh):
+  """Restore targets of the train state without initialising it."""
+  abstract = jax.eval_shape(
+      lambda: steps.create_train_state(config, model, image_shape, mesh)[0])
+  shardings = sharding_lib.tree_shardings(abstract, mesh)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract, shardings), shardings
+
+
+def load(workdir, *, overrides=None, mesh=None):
+  """Restores a workdir's best weights (see `select_checkpoint`).
+
+  Args:
+    workdir: a training run's workdir.
+    overrides: config overrides, see `load_config`.
+    mesh: where to place the weights; default every device.
+
+  Returns:
+    A TrainedModel.
+  """
+  path = check_workdir(workdir)
+  config = load_config(workdir, overrides)
+  stats = load_stats(workdir)
+  info = input_pipeline.get_dataset_info(config)
+  mesh = sharding_lib.create_mesh() if mesh is None else mesh
+  model = model_lib.create_model(config, info.num_classes)
+  image_shape = (config.image_size, config.image_size, info.channels)
+  abstract, shardings = _abstract_state(config, model, image_shape, mesh)
+  manager = checkpointing.create_manager(
+      (path / CHECKPOINT_DIR).resolve(),
+      max_to_keep=config.checkpoint_max_to_keep)
+  try:
+    step, which = select_checkpoint(manager)
+    try:
+      state, meta = checkpointing.restore(manager, step, abstract)
+    except Exception as e:  # pylint: disable=broad-except
+      first_line = (str(e).strip().splitlines() or [''])[0]
+      raise ValueError(
+          f'Checkpoint {manager.directory}/{step} could not be restored '
+          f'({type(e).__name__}: {first_line}). Was it written by a different '
+          'version of the model or train-state code?') from e
+  finally:
+    manager.close()
+  return TrainedModel(
+      workdir=path, config=config, info=info,
+      class_names=class_names(path, info), stats=stats, model=model,
+      state=state, state_shardings=shardings, mesh=mesh, step=int(step),
+      checkpoint=which, epoch=meta.get('epoch'))
+
+
+def evaluate(workdir, *, overrides=None):
+  """`--mode=eval`: the best weights on every test example, printed as the seed.
+
+  Returns:
+    `{'test_loss', 'test_accuracy', 'test_top5_accuracy', 'num_examples',
+    'step', 'checkpoint'}`; `num_examples` is counted from the batch masks.
+  """
+  # Imported here: train pulls in the training-only modules.
+  from perceiver_jax import train  # pylint: disable=g-import-not-at-top
+  check_workdir(workdir)
+  config = load_config(workdir, overrides)
+  mesh = sharding_lib.create_mesh()
+  sharding_lib.check_batch_size(config.batch_size, mesh)
+  trained = load(workdir, overrides=overrides, mesh=mesh)
+  input_pipeline.prepare(config)
+  pipeline = input_pipeline.Pipeline(
+      config, num_shards=mesh.devices.size,
+      shard_indices=sharding_lib.local_shard_indices(mesh))
+  _, eval_step = steps.jit_steps(config, trained.stats, mesh,
+                                 trained.state_shardings)
+  counts = []
+
+  def counting_step(state, batch):
+    out = eval_step(state, batch)
+    counts.append(out['count'])
+    return out
+
+  # eval_step evaluates `inference_params(state)`, as training's test did.
+  test = train.evaluate(counting_step, trained.state, pipeline, 'test', mesh)
+  results = {'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
+             'test_top5_accuracy': test['top5_accuracy'],
+             'num_examples': int(sum(float(c) for c in jax.device_get(counts))),
+             'step': trained.step, 'checkpoint': trained.checkpoint}
+  if metrics_lib.is_chief():
+    ema = ' (EMA weights)' if trained.uses_ema else ''
+    print(f'Evaluating the {trained.checkpoint} checkpoint (step '
+          f'{trained.step}, epoch {trained.epoch}){ema} of {workdir} on '
+          f'{results["num_examples"]} test examples.')
+    print(f'Test loss: {test["loss"]:.4f}')
+    print(f'Test accuracy: {round(test["accuracy"] * 100, 2)}%')
+    print(f'Test top 5 accuracy: {round(test["top5_accuracy"] * 100, 2)}%')
+  return results
+
+
+def single_device_mesh():
+  """A mesh of this process's first device, for the single-host tools."""
+  return sharding_lib.create_mesh(jax.local_devices()[:1])
