@@ -1,0 +1,1 @@
+"""Throughput benchmarks: the JAX train step and the Keras reference."""

@@ -1,0 +1,134 @@
+"""The benchmark harness: CI's 1-step smoke run, its FLOP count, its modes."""
+
+import os
+import re
+import subprocess
+import sys
+
+from configs import cifar100
+from configs import fake_data
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks import throughput
+from perceiver_jax import create_model
+from perceiver_jax import model as model_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Same HLO, quicker XLA:CPU code generation; the FLOP count does not change.
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
+LAST_LINE = re.compile(r'images_per_sec=(\S+) mfu=(\S+)')
+
+
+def test_cli_smoke_run_without_tensorflow():
+  """`python benchmarks/throughput.py ... --steps=1` where tensorflow is absent.
+
+  `sys.modules['tensorflow'] = None` makes any import of it fail, as on the
+  GPU machines. The run uses conftest's 8 CPU devices (a sharded step).
+  """
+  code = ("import runpy, sys; sys.modules['tensorflow'] = None; "
+          "runpy.run_path('benchmarks/throughput.py', run_name='__main__')")
+  env = dict(os.environ, JAX_DEFAULT_PRNG_IMPL='rbg')  # Quicker to compile.
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                      ' --xla_backend_optimization_level=0')
+  result = subprocess.run(
+      [sys.executable, '-c', code, '--config=configs/fake_data.py',
+       '--config.num_iterations=1', '--steps=1', '--warmup=0',
+       '--peak_matmul_size=128'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  match = LAST_LINE.fullmatch(lines[-1])
+  assert match, lines[-1]
+  images_per_sec, mfu = map(float, match.groups())
+  assert images_per_sec > 0 and 0 < mfu < 1
+  assert any('devices: 8 x' in line for line in lines), lines
+  assert any('XLA / analytic' in line for line in lines), lines
+
+
+def test_analytic_flops_by_hand_for_the_seed_model():
+  """The seed model's forward matmuls per image, written out."""
+  patches, latents, d, heads = 1024, 256, 256, 8
+  mac = (patches * 12 * d                      # patch projection
+         + 2 * patches * d * d                 # data keys, values (once)
+         + 2 * (latents * d * d                # per iteration: query,
+                + 2 * latents * patches * d    # logits and weighted sum,
+                + 2 * latents * d * d          # FFN,
+                + 4 * (3 * latents * d * heads * d     # 4 blocks: q, k, v,
+                       + 2 * heads * latents**2 * d    # attention,
+                       + latents * heads * d * d       # output projection,
+                       + 2 * latents * d * d))         # FFN
+         + d * 256 + 256 * 100)                # classifier
+  parts = throughput.analytic_flops_per_example(cifar100.get_config(), 100)
+  assert parts['total'] == 2 * mac == 14_434_879_488
+
+
+def test_analytic_flops_match_xla_cost_analysis():
+  """Analytic fwd + bwd matmul FLOPs vs XLA's count for the seed model.
+
+  Measured: XLA / analytic = 1.019. XLA's count is a little higher because
+  it also counts elementwise work (LayerNorm, GELU, softmax, residuals and
+  their gradients); the window [1.0, 1.05] fails if the model runs matmuls
+  the count lacks (a missing cross-attention, 1.3%, or block, 11%) or the
+  count has matmuls the model does not run.
+  """
+  config = cifar100.get_config()
+  model = create_model(config, 100)
+  images = jnp.zeros((1, 64, 64, 3))
+  labels = jnp.zeros((1,), jnp.int32)
+  params = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), images, train=False))
+
+  def loss(params):
+    logits = model.apply(params, images, train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                           labels).mean()
+
+  compiled = jax.jit(jax.grad(loss)).lower(params).compile(
+      compiler_options=FAST_COMPILE)
+  analytic = throughput.analytic_train_flops_per_step(config, 100,
+                                                      batch_size=1)
+  ratio = throughput.xla_flops(compiled) / analytic
+  assert 1.0 <= ratio <= 1.05, ratio
+
+
+def test_analytic_flops_scale_with_the_model():
+  """Twice the blocks, iterations or batch: the parts that should double do."""
+  config = fake_data.get_config()
+  base = throughput.analytic_flops_per_example(config, 10)
+  config.num_transformer_blocks *= 2
+  more = throughput.analytic_flops_per_example(config, 10)
+  assert more['total'] - base['total'] == (
+      config.num_iterations * config.num_transformer_blocks // 2 *
+      base['transformer_block'])
+  assert throughput.analytic_train_flops_per_step(
+      config, 10, batch_size=4) == 12 * more['total']
+
+
+def test_host_pipeline_mode_on_mock_data():
+  config = fake_data.get_config()  # tfds mock data, batch 16.
+  lines = []
+  results = throughput.benchmark_host_pipeline(config, steps=2, warmup=1,
+                                               log=lines.append)
+  assert results['images_per_sec'] > 0
+  assert results['gather_images_per_sec'] > 0
+  assert results['images_per_sec_per_core'] == (
+      results['images_per_sec'] / results['cores'])
+  assert lines[-1].startswith('host_images_per_sec=')
+
+
+def test_keras_reference_is_the_seed_model():
+  """Same parameter count as the Flax model: 9,697,637 for the seed config."""
+  from benchmarks import keras_reference  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = cifar100.get_config()
+  keras_model = keras_reference.build_seed_model(
+      config, 100, mean=[120.0] * 3, variance=[4000.0] * 3)
+  keras_model(np.zeros((1, 32, 32, 3), np.float32))
+  flax_params = jax.eval_shape(
+      lambda: model_lib.create_model(config, 100).init(
+          jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  flax_count = sum(x.size for x in jax.tree.leaves(flax_params))
+  assert keras_model.count_params() == flax_count == 9_697_637
