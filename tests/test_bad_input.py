@@ -92,8 +92,9 @@ def no_compile(monkeypatch):
   monkeypatch.setattr(steps, 'jit_steps', fail)
 
 
-@pytest.mark.parametrize('overrides,fragments', CASES,
-                         ids=[str(c[0]) for c in CASES])
+@pytest.mark.parametrize(
+    'overrides,fragments', CASES,
+    ids=[f'{i}-' + '-'.join(c[0]) for i, c in enumerate(CASES)])
 def test_bad_input_gets_a_clear_error(tmp_path, no_compile, overrides,
                                       fragments):
   config = fake_data.get_config()
