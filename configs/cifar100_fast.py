@@ -18,8 +18,7 @@ Throughput alone:
   python benchmarks/throughput.py --config=configs/cifar100_fast.py --steps=50
 
 Expected result: not yet measured. The epoch time on a GPU has not been
-measured (no GPU was available when this config was written; see
-BENCHMARKS.md for the commands), and neither has the accuracy: a batch 8x
+measured yet (BENCHMARKS.md lists the commands), and neither has the accuracy: a batch 8x
 larger takes 8x fewer steps per epoch, so the seed's 52.6% top-1 is the
 target, not a measured outcome.
 """
