@@ -23,6 +23,7 @@ from perceiver_jax import config_lib
 from perceiver_jax import create_model
 from perceiver_jax import sharding as sharding_lib
 from perceiver_jax import steps
+from test_model import tiny_config
 
 NUM_CLASSES = 10
 LR = 1e-3
@@ -142,16 +143,6 @@ def test_bfloat16_train_step_matches_float32():
 # Attention implementations.
 
 
-def tiny_config(**overrides):
-  """tests/test_model.py's tiny model: 2 blocks, 2 iterations."""
-  config = fake_data.get_config()
-  config.update(dict(image_size=8, patch_size=2, latent_dim=4,
-                     projection_dim=8, num_heads=2, ffn_units=(8, 8),
-                     num_transformer_blocks=2, num_iterations=2,
-                     classifier_units=(8,)))
-  for name, value in overrides.items():
-    setattr(config, name, value)
-  return config
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,7 +10,6 @@ swapping weight sets, attention against its formula.
 import functools
 
 from configs import cifar100
-from configs import fake_data
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,20 +23,15 @@ from perceiver_jax import encoders
 from perceiver_jax import model as model_lib
 from perceiver_jax import position_encoding
 
+import test_model
+from test_model import key  # 'rbg' keys: see test_model.py.
+
 NUM_CLASSES = 5
-# 'rbg' keys: XLA:CPU compiles threefry bits slowly (see test_model.py).
-key = functools.partial(jax.random.key, impl='rbg')
 
 
 def tiny_config(**overrides):
-  """test_model.py's tiny model (d=8, 4 latents, 16 patches of 2x2)."""
-  config = fake_data.get_config()
-  config.update(dict(image_size=8, patch_size=2, latent_dim=4,
-                     projection_dim=8, num_heads=2, ffn_units=(8, 8),
-                     num_transformer_blocks=2, num_iterations=2,
-                     classifier_units=(8,), fourier_num_bands=2))
-  config.update(overrides)
-  return config
+  """test_model.py's tiny model, with 2 Fourier bands."""
+  return test_model.tiny_config(**{'fourier_num_bands': 2, **overrides})
 
 
 def images_for(config, batch=2, channels=3, seed=0):
