@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from perceiver_jax import attention as attention_lib
 from perceiver_jax import model as model_lib
 from perceiver_jax import sharding as sharding_lib
 from perceiver_jax import steps as steps_lib
@@ -91,7 +92,23 @@ def _dense_chain_flops(rows, widths):
   return sum(2 * rows * a * b for a, b in zip(widths[:-1], widths[1:]))
 
 
-def analytic_flops_per_example(config, num_classes, channels=CHANNELS):
+def transformer_attention_folded(config, batch_size=None):
+  """Whether the latent self-attention runs in the folded form.
+
+  Mirrors `attention.MultiHeadAttention.folded` for the seed's latent
+  Transformer (queries, keys and values all latents of projection_dim).
+  """
+  form = config.get('attention_form', 'auto')
+  if form != 'auto':
+    return form == 'folded'
+  d, n = config.projection_dim, config.latent_dim
+  batch_size = config.batch_size if batch_size is None else batch_size
+  return attention_lib.folding_saves_flops(batch_size, n, n, d, d, d,
+                                           config.num_heads, d)
+
+
+def analytic_flops_per_example(config, num_classes, channels=CHANNELS,
+                               batch_size=None):
   """Matmul FLOPs of one example's forward pass, by part (2 per multiply-add).
 
   Counts what dominates and what MFU conventionally counts: the patch
@@ -104,20 +121,41 @@ def analytic_flops_per_example(config, num_classes, channels=CHANNELS):
   once: XLA computes them once too (common subexpression elimination), even
   though the seed's code asks for them per iteration.
 
+  The latent self-attention is counted in the form it runs in
+  (`config.attention_form`, 'auto' deciding at `batch_size`): the matmuls
+  the device executes, so MFU is not flattered by the folded form. The
+  folded form's per-head weight products (`W_q W_k^T`, `W_v W_o`) are paid
+  once per step and appear spread over the batch ('weight_folding'). The
+  factored (Keras-order) count is returned as 'factored_total' either way.
+
   Args:
     config: a model config (see configs/cifar100.py).
     num_classes: logits width.
     channels: image channels.
+    batch_size: the batch the step runs (default config.batch_size).
 
   Returns:
     dict of FLOPs per part, with the sum under 'total'.
   """
+  batch_size = config.batch_size if batch_size is None else batch_size
   d = config.projection_dim
   n = config.latent_dim
   m = (config.image_size // config.patch_size)**2
   heads = config.num_heads
   head_dim = d  # Keras MultiHeadAttention(key_dim=projection_dim).
   ffn = (d,) + tuple(config.ffn_units)
+  factored_block = (3 * 2 * n * d * heads * head_dim +   # q, k, v
+                    2 * (2 * heads * n * n * head_dim) +  # logits, sums
+                    2 * n * heads * head_dim * d +        # output projection
+                    _dense_chain_flops(n, ffn))
+  folded_block = (2 * n * d * heads * d +    # x W_qk
+                  2 * (2 * heads * n * n * d) +  # logits, P x
+                  2 * n * heads * d * d +    # (P x) W_vo
+                  _dense_chain_flops(n, ffn))
+  folded = transformer_attention_folded(config, batch_size)
+  weight_sets = {'all': 1, 'paper': min(config.num_iterations, 2),
+                 'none': config.num_iterations}[
+                     config.get('weight_sharing', 'all')]
   parts = {
       'patch_projection': 2 * m * config.patch_size**2 * channels * d,
       'data_key_value': 2 * (2 * m * d * d),
@@ -125,21 +163,29 @@ def analytic_flops_per_example(config, num_classes, channels=CHANNELS):
       # values, the FFN on the latents.
       'cross_attention': (2 * n * d * d + 2 * (2 * n * m * d) +
                           _dense_chain_flops(n, ffn)),
-      # q, k, v projections; logits and weighted sums of every head; output
-      # projection of the concatenated heads; FFN.
-      'transformer_block': (3 * 2 * n * d * heads * head_dim +
-                            2 * (2 * heads * n * n * head_dim) +
-                            2 * n * heads * head_dim * d +
-                            _dense_chain_flops(n, ffn)),
+      # Per block and iteration, in the form that runs.
+      'transformer_block': folded_block if folded else factored_block,
+      # Per block and iteration: W_q W_k^T and W_v W_o of every head. XLA
+      # forms them once per step and weight set (iterations sharing weights
+      # share them), but their gradient once per iteration; counted so that
+      # 3x the forward is the step's total, spread over the examples.
+      'weight_folding': (2 * 2 * heads * d * head_dim * d *
+                         (weight_sets + 2 * config.num_iterations) /
+                         (3 * batch_size * config.num_iterations)
+                         if folded else 0),
       'classifier': _dense_chain_flops(
           1, (d,) + tuple(config.classifier_units) + (num_classes,)),
   }
-  parts['total'] = (
-      parts['patch_projection'] + parts['data_key_value'] +
-      config.num_iterations *
-      (parts['cross_attention'] +
-       config.num_transformer_blocks * parts['transformer_block']) +
-      parts['classifier'])
+
+  def total(block):
+    return (parts['patch_projection'] + parts['data_key_value'] +
+            config.num_iterations *
+            (parts['cross_attention'] +
+             config.num_transformer_blocks * block) +
+            parts['classifier'])
+
+  parts['total'] = total(parts['transformer_block'] + parts['weight_folding'])
+  parts['factored_total'] = total(factored_block)
   return parts
 
 
@@ -151,8 +197,8 @@ def analytic_train_flops_per_step(config, num_classes, batch_size=None):
   counted: MFU counts the model's FLOPs, not the ones a schedule adds.
   """
   batch_size = config.batch_size if batch_size is None else batch_size
-  return 3 * batch_size * analytic_flops_per_example(config,
-                                                     num_classes)['total']
+  return 3 * batch_size * analytic_flops_per_example(
+      config, num_classes, batch_size=batch_size)['total']
 
 
 def xla_flops(compiled, num_devices=1):
@@ -267,6 +313,9 @@ def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
   step_s = statistics.median(times)
   images_per_sec = config.batch_size / step_s
   model_flops = analytic_train_flops_per_step(config, num_classes)
+  factored_flops = 3 * config.batch_size * analytic_flops_per_example(
+      config, num_classes)['factored_total']
+  folded = transformer_attention_folded(config)
   compiled_flops = xla_flops(compiled, len(devices))
   achieved = model_flops / step_s
   dtype = jnp.dtype(config.get('dtype', 'float32'))
@@ -278,6 +327,7 @@ def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
       step_max_s=max(times), step_cpu_s=statistics.median(cpu_times),
       compile_s=compile_s, loss=loss,
       model_flops_per_step=model_flops, xla_flops_per_step=compiled_flops,
+      factored_flops_per_step=factored_flops, folded=folded,
       achieved_flops=achieved, peak_flops=peak, mfu=mfu,
       peak_memory_bytes=peak_memory_bytes(device),
       compiled_memory_bytes=compiled_memory_bytes(compiled))
@@ -286,7 +336,9 @@ def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
       f'{jax.process_count()} process(es); XLA_FLAGS='
       f'{os.environ.get("XLA_FLAGS", "")!r}')
   log(f'config: batch {config.batch_size}, dtype {dtype.name}, '
-      f'attention_impl {config.get("attention_impl", "xla")}, remat '
+      f'attention_impl {config.get("attention_impl", "xla")}, '
+      f'attention_form {config.get("attention_form", "auto")}, dropout_rng '
+      f'{config.get("dropout_rng", "hash")}, remat '
       f'{config.get("remat", False)}, image {config.image_size}, patch '
       f'{config.patch_size}, latents {config.latent_dim}x'
       f'{config.projection_dim}, {config.num_transformer_blocks} blocks x '
@@ -299,7 +351,9 @@ def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
       '(all threads; on a shared CPU it moves less than the wall time)')
   log(f'images/s: {images_per_sec:.1f}')
   log(f'model FLOPs/step (analytic matmuls, fwd+bwd = 3x fwd): '
-      f'{model_flops / 1e9:.2f} GFLOP')
+      f'{model_flops / 1e9:.2f} GFLOP, latent self-attention '
+      f'{"folded" if folded else "factored"} (in Keras\' factored order: '
+      f'{factored_flops / 1e9:.2f} GFLOP)')
   log(f'XLA cost-analysis FLOPs/step: {compiled_flops / 1e9:.2f} GFLOP '
       f'(XLA / analytic = {compiled_flops / model_flops:.3f})')
   log(f'achieved: {achieved / 1e12:.4f} TFLOP/s (analytic FLOPs)')

@@ -16,6 +16,10 @@ Arrays are laid out `[batch, length, heads, head_dim]`, the layout of
 `jax.nn.dot_product_attention`, so a fused kernel can be selected with
 `implementation` ('cudnn' on GPU) wherever no attention dropout is active.
 
+`MultiHeadAttention` evaluates in one of two forms (`compute.Compute`):
+Keras' factored order, or the folded one of `folded_attention`, which
+multiplies the per-head weights first. Both read the same parameters.
+
 The paper's variants reuse `MultiHeadAttention` with queries and keys from
 different arrays: multi-head cross-attention (`num_cross_heads`, heads that
 split the width) and the Perceiver IO query decoder. Cross-attentions built
@@ -25,14 +29,18 @@ when, and only when, that collection is mutable (attention maps).
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Values accepted by `jax.nn.dot_product_attention(implementation=...)`.
-ATTENTION_IMPLEMENTATIONS = (None, 'xla', 'cudnn')
+from perceiver_jax import compute as compute_lib
+from perceiver_jax import dropout as dropout_lib
+
+Compute = compute_lib.Compute
+ATTENTION_IMPLEMENTATIONS = compute_lib.ATTENTION_IMPLEMENTATIONS
+check_implementation = compute_lib.check_implementation
 
 # Keras' default kernel initialiser for 2-D kernels.
 keras_glorot_uniform = nn.initializers.glorot_uniform()
@@ -76,14 +84,6 @@ def multihead_kernel_init(style, shape, num_input_axes):
   return init
 
 
-def check_implementation(implementation):
-  """Raises ValueError unless `implementation` is one jax.nn accepts."""
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(
-        f'attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got '
-        f'{implementation!r}.')
-
-
 def check_rate(name, rate):
   """Raises ValueError unless `rate` is a dropout rate in [0, 1)."""
   if not 0.0 <= rate < 1.0:
@@ -92,7 +92,8 @@ def check_rate(name, rate):
 
 def dot_product_attention(query, key, value, *, scale, dropout_rate=0.0,
                           deterministic=True, dropout_rng=None,
-                          implementation='xla', return_weights=False):
+                          implementation='xla', return_weights=False,
+                          dropout_impl='hash'):
   """Returns `dropout(softmax(scale * q k^T)) v` per head.
 
   Without active dropout this calls `jax.nn.dot_product_attention`, so
@@ -113,6 +114,7 @@ def dot_product_attention(query, key, value, *, scale, dropout_rate=0.0,
     implementation: None, 'xla' or 'cudnn', passed to jax.nn.
     return_weights: also return the float32 softmax weights
       `[batch, heads, q_length, kv_length]` (before dropout).
+    dropout_impl: the dropout bit generator, one of `dropout.DROPOUT_RNGS`.
 
   Returns:
     `[batch, q_length, heads, head_dim]` in `value`'s dtype, and the weights
@@ -135,14 +137,14 @@ def dot_product_attention(query, key, value, *, scale, dropout_rate=0.0,
   weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   attended = weights
   if dropout:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    attended = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    attended = dropout_lib.dropout(weights, dropout_rate, dropout_rng,
+                                   impl=dropout_impl)
   out = jnp.einsum('bnts,bsnh->btnh', attended.astype(value.dtype), value)
   return (out, weights) if return_weights else out
 
 
 def attend(module, query, key, value, *, scale, dropout_rate, deterministic,
-           implementation, sow_weights=False):
+           compute, sow_weights=False):
   """`dot_product_attention` inside `module`, optionally sowing its weights.
 
   The weights are materialised and sown only while 'intermediates' is
@@ -155,11 +157,178 @@ def attend(module, query, key, value, *, scale, dropout_rate, deterministic,
   out = dot_product_attention(
       query, key, value, scale=scale, dropout_rate=dropout_rate,
       deterministic=deterministic, dropout_rng=rng,
-      implementation=implementation, return_weights=capture)
+      implementation=compute.attention_impl, return_weights=capture,
+      dropout_impl=compute.dropout_rng)
   if capture:
     out, weights = out
     module.sow('intermediates', ATTENTION_WEIGHTS, weights)
   return out
+
+
+@jax.custom_vjp
+def matmul(x, w):
+  """`x @ w` for `x [m, k]`, `w [k, n]`; its weight gradient transposes the
+  smaller of `x` and the output gradient.
+
+  For `dw = x^T dy` (a contraction over the long `m` axis) XLA:CPU may copy
+  whichever operand it likes into a transposed layout. In the folded
+  attention one of them is 8x the other (`[b*t, heads*width]` against
+  `[b*t, width]`); transposing the small one explicitly, behind an
+  optimisation barrier that keeps XLA from undoing it, saves two 8x copies
+  per layer. The values are those of `x @ w` and its usual gradient.
+  """
+  return x @ w
+
+
+def _matmul_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _matmul_bwd(residuals, dy):
+  x, w = residuals
+  dx = dy @ w.T
+  if x.shape[1] <= dy.shape[1]:
+    x_t, = jax.lax.optimization_barrier((x.T,))
+    dw = x_t @ dy
+  else:
+    dy_t, = jax.lax.optimization_barrier((dy.T,))
+    dw = (dy_t @ x).T
+  return dx, dw
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def folded_attention(inputs_q, inputs_kv, *, query, key, value, output,
+                     scale, dropout_rate=0.0, deterministic=True,
+                     dropout_rng=None, compute=Compute(), dtype=jnp.float32,
+                     return_weights=False):
+  """Multi-head attention with the per-head weights multiplied first.
+
+  For head n, Keras computes logits `(x W_q + b_q)(y W_k + b_k)^T * scale`
+  and output `sum_n P_n (y W_v + b_v) W_o + b_o`. Expanding the products:
+
+  * logits = `(x W_qk + c) y^T` + terms constant along the keys, which the
+    softmax ignores, where `W_qk = W_q W_k^T * scale` (`[d_q, heads, d_kv]`)
+    and `c = b_q W_k^T * scale`. The key bias only shifts whole rows of
+    logits, so its gradient is zero in either form.
+  * output = `sum_n (P_n y) W_vo,n + rowsum(P_n) (b_v W_o)_n + b_o` with
+    `W_vo = W_v W_o` (`[heads, d_kv, d_out]`); rowsum is 1 unless the
+    weights were dropped.
+
+  Every product is then a plain or batched matmul over the `[batch, length,
+  heads, width]` layout, with no transposed copy of a head axis. The weights
+  are kept as `[batch, q_length, heads, kv_length]`; dropout draws the same
+  mask as the factored form's `[batch, heads, q_length, kv_length]` weights.
+
+  Args:
+    inputs_q: `[batch, q_length, d_q]`.
+    inputs_kv: `[batch, kv_length, d_kv]`.
+    query, key, value: `(kernel [d, heads, head_dim], bias [heads, head_dim])`
+      of the projections, key's bias unused (see above).
+    output: `(kernel [heads, head_dim, d_out], bias [d_out])`.
+    scale: the logits' scale (1/sqrt(head_dim) for Keras).
+    dropout_rate, deterministic, dropout_rng: attention-weight dropout.
+    compute: `Compute` (attention_impl where no dropout is active, and the
+      dropout bit generator).
+    dtype: compute dtype; the weight products are formed in float32.
+    return_weights: also return the float32 softmax weights `[batch, heads,
+      q_length, kv_length]` (before dropout).
+
+  Returns:
+    `[batch, q_length, d_out]` in `dtype`, and the weights if asked for.
+  """
+  (w_q, b_q), (w_k, _), (w_v, b_v), (w_o, b_o) = query, key, value, output
+  w_qk = jnp.einsum('dnh,enh->dne', w_q, w_k) * scale
+  c_q = jnp.einsum('nh,enh->ne', b_q, w_k) * scale
+  w_vo = jnp.einsum('enh,nhf->nef', w_v, w_o)
+  u = jnp.einsum('nh,nhf->nf', b_v, w_o)
+  x, y = inputs_q.astype(dtype), inputs_kv.astype(dtype)
+  (batch, q_length, d_q), d_kv = x.shape, y.shape[-1]
+  num_heads, d_out = w_vo.shape[0], w_vo.shape[-1]
+  a = matmul(x.reshape(batch * q_length, d_q),
+             w_qk.reshape(d_q, num_heads * d_kv).astype(dtype))
+  a = a.reshape(batch, q_length, num_heads, d_kv) + c_q.astype(dtype)
+  dropout = not deterministic and dropout_rate > 0.0
+  if not dropout and not return_weights:
+    shared = y[:, :, None, :]  # one key/value head serves every query head
+    z = jax.nn.dot_product_attention(a, shared, shared, scale=1.0,
+                                     implementation=compute.attention_impl)
+    row_sums = jnp.ones(a.shape[:3], jnp.float32)
+  else:
+    if dropout and dropout_rng is None:
+      raise ValueError('dropout_rng is required when attention dropout is on.')
+    logits = jnp.einsum('btne,bse->btns', a, y,
+                        preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1)
+    attended = weights
+    if dropout:
+      attended = dropout_lib.dropout(weights, dropout_rate, dropout_rng,
+                                     impl=compute.dropout_rng,
+                                     perm=(0, 2, 1, 3))
+    z = jnp.einsum('btns,bse->btne', attended.astype(dtype), y)
+    row_sums = jnp.sum(attended, axis=-1)
+  out = matmul(z.reshape(batch * q_length, num_heads * d_kv),
+               w_vo.reshape(num_heads * d_kv, d_out).astype(dtype))
+  out = (out.reshape(batch, q_length, d_out) +
+         jnp.einsum('btn,nf->btf', row_sums.astype(dtype), u.astype(dtype)) +
+         b_o.astype(dtype))
+  if return_weights:
+    return out, jnp.transpose(weights, (0, 2, 1, 3))
+  return out
+
+
+def folding_saves_flops(batch, q_length, kv_length, d_q, d_kv, d_out,
+                        num_heads, head_dim):
+  """True if `folded_attention` needs fewer multiply-adds than Keras' order.
+
+  Counts every matmul of the forward pass; the weight products are paid
+  once per call, not per example.
+  """
+  per_head = (q_length * d_q * head_dim + 2 * kv_length * d_kv * head_dim +
+              2 * q_length * kv_length * head_dim + q_length * head_dim * d_out)
+  folded = (q_length * d_q * d_kv + 2 * q_length * kv_length * d_kv +
+            q_length * d_kv * d_out)
+  weights = d_q * d_kv * head_dim + d_kv * head_dim * d_out
+  return batch * folded + weights < batch * per_head
+
+
+class HeadProjection(nn.Module):
+  """The parameters of `nn.DenseGeneral`, readable without applying them.
+
+  Same names, shapes and initialisation as `nn.DenseGeneral(features,
+  axis=<the last len(in_shape) axes>)`, so both attention forms, and
+  checkpoints, share one parameter tree.
+  """
+  in_shape: Tuple[int, ...]
+  features: Tuple[int, ...]
+  kernel_init: Callable[..., Any]
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    flat = (math.prod(self.in_shape), math.prod(self.features))
+
+    def kernel_init(rng, shape, dtype=jnp.float32):
+      return jnp.reshape(self.kernel_init(rng, flat, dtype), shape)
+
+    def bias_init(rng, shape, dtype=jnp.float32):
+      return jnp.zeros(shape, dtype)
+
+    self.kernel = self.param('kernel', kernel_init,
+                             self.in_shape + self.features, jnp.float32)
+    self.bias = self.param('bias', bias_init, self.features, jnp.float32)
+
+  def weights(self):
+    """(kernel, bias) in float32."""
+    return self.kernel, self.bias
+
+  def __call__(self, x):
+    n = len(self.in_shape)
+    axes = tuple(range(x.ndim - n, x.ndim))
+    out = jax.lax.dot_general(
+        x.astype(self.dtype), self.kernel.astype(self.dtype),
+        ((axes, tuple(range(n))), ((), ())))
+    return out + self.bias.astype(self.dtype)
 
 
 class CrossAttention(nn.Module):
@@ -179,21 +348,20 @@ class CrossAttention(nn.Module):
     features: width of the q/k/v projections (the seed's projection_dim).
     dropout_rate: dropout on the attention weights (train only).
     dtype: compute dtype; parameters are float32.
-    attention_impl: passed to `jax.nn.dot_product_attention`.
+    compute: `Compute` (attention_impl, dropout bit generator).
     sow_weights: sow the weights `[batch, 1, latents, inputs]` when
       'intermediates' is mutable.
   """
   features: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  attention_impl: Optional[str] = 'xla'
+  compute: Compute = Compute()
   sow_weights: bool = True
 
   def __post_init__(self):
     if self.features <= 0:
       raise ValueError(f'features must be positive, got {self.features}.')
     check_rate('attention dropout_rate', self.dropout_rate)
-    check_implementation(self.attention_impl)
     super().__post_init__()
 
   @nn.compact
@@ -212,7 +380,7 @@ class CrossAttention(nn.Module):
     out = attend(
         self, query[:, :, None, :], key[:, :, None, :], value[:, :, None, :],
         scale=1.0, dropout_rate=self.dropout_rate, deterministic=deterministic,
-        implementation=self.attention_impl, sow_weights=self.sow_weights)
+        compute=self.compute, sow_weights=self.sow_weights)
     return out[:, :, 0, :]
 
 
@@ -227,14 +395,15 @@ class MultiHeadAttention(nn.Module):
   Parameters are shaped like Keras' so weights can be moved across: q/k/v
   kernels `(width, num_heads, head_dim)` with biases `(num_heads, head_dim)`;
   output kernel `(num_heads, head_dim, width)` with bias `(width,)`, where
-  the output width is that of `inputs_q`.
+  the output width is that of `inputs_q`. `compute.attention_form` chooses
+  Keras' factored evaluation or `folded_attention` ('auto': fewer FLOPs).
 
   Attributes:
     num_heads: number of heads.
     head_dim: per-head width (Keras key_dim; the seed uses projection_dim).
     dropout_rate: dropout on the attention weights (train only).
     dtype: compute dtype; parameters are float32.
-    attention_impl: passed to `jax.nn.dot_product_attention`.
+    compute: `Compute` (attention_impl, attention_form, dropout bits).
     attention_init: 'keras2' or 'keras3' glorot fans of the kernels.
     sow_weights: sow the weights `[batch, heads, queries, inputs]` when
       'intermediates' is mutable.
@@ -243,7 +412,7 @@ class MultiHeadAttention(nn.Module):
   head_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  attention_impl: Optional[str] = 'xla'
+  compute: Compute = Compute()
   attention_init: str = 'keras2'
   sow_weights: bool = False
 
@@ -252,11 +421,20 @@ class MultiHeadAttention(nn.Module):
       raise ValueError('num_heads and head_dim must be positive, got '
                        f'{self.num_heads} and {self.head_dim}.')
     check_rate('attention dropout_rate', self.dropout_rate)
-    check_implementation(self.attention_impl)
     if self.attention_init not in ATTENTION_INITS:
       raise ValueError(f'attention_init must be one of {ATTENTION_INITS}, '
                        f'got {self.attention_init!r}.')
     super().__post_init__()
+
+  def folded(self, inputs_q, inputs_kv):
+    """Whether this call evaluates in the folded form."""
+    form = self.compute.attention_form
+    if form != 'auto':
+      return form == 'folded'
+    return folding_saves_flops(
+        inputs_q.shape[0], inputs_q.shape[1], inputs_kv.shape[1],
+        inputs_q.shape[-1], inputs_kv.shape[-1], inputs_q.shape[-1],
+        self.num_heads, self.head_dim)
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv=None, *, deterministic):
@@ -266,24 +444,37 @@ class MultiHeadAttention(nn.Module):
     width = inputs_q.shape[-1]
     heads = (self.num_heads, self.head_dim)
 
-    def project(x, name):
-      return nn.DenseGeneral(
-          features=heads, axis=-1, dtype=self.dtype,
-          kernel_init=multihead_kernel_init(
-              self.attention_init, (x.shape[-1], *heads), 1), name=name)(x)
+    def projection(in_shape, features, num_input_axes, name):
+      return HeadProjection(
+          in_shape, features, multihead_kernel_init(
+              self.attention_init, in_shape + features, num_input_axes),
+          dtype=self.dtype, name=name)
 
-    query = project(inputs_q, 'query')
-    key = project(inputs_kv, 'key')
-    value = project(inputs_kv, 'value')
-    out = attend(
-        self, query, key, value, scale=1.0 / math.sqrt(self.head_dim),
+    query = projection((inputs_q.shape[-1],), heads, 1, 'query')
+    key = projection((inputs_kv.shape[-1],), heads, 1, 'key')
+    value = projection((inputs_kv.shape[-1],), heads, 1, 'value')
+    output = projection(heads, (width,), 2, 'output')
+    scale = 1.0 / math.sqrt(self.head_dim)
+    if not self.folded(inputs_q, inputs_kv):
+      out = attend(
+          self, query(inputs_q), key(inputs_kv), value(inputs_kv),
+          scale=scale, dropout_rate=self.dropout_rate,
+          deterministic=deterministic, compute=self.compute,
+          sow_weights=self.sow_weights)
+      return output(out)
+    capture = self.sow_weights and self.is_mutable_collection('intermediates')
+    rng = None if deterministic or not self.dropout_rate else (
+        self.make_rng('dropout'))
+    out = folded_attention(
+        inputs_q, inputs_kv, query=query.weights(), key=key.weights(),
+        value=value.weights(), output=output.weights(), scale=scale,
         dropout_rate=self.dropout_rate, deterministic=deterministic,
-        implementation=self.attention_impl, sow_weights=self.sow_weights)
-    return nn.DenseGeneral(
-        features=width, axis=(-2, -1), dtype=self.dtype,
-        kernel_init=multihead_kernel_init(self.attention_init,
-                                          (*heads, width), 2),
-        name='output')(out)
+        dropout_rng=rng, compute=self.compute, dtype=self.dtype,
+        return_weights=capture)
+    if capture:
+      out, weights = out
+      self.sow('intermediates', ATTENTION_WEIGHTS, weights)
+    return out
 
 
 # The seed's name for the latent Transformer's attention.

@@ -83,6 +83,15 @@ def config_problems(config):
        "'float32', 'bfloat16' or 'float16'", 'e.g. --config.dtype=bfloat16')
   need('attention_impl', lambda v: v in (None, 'xla', 'cudnn'),
        "'xla' or 'cudnn'", 'e.g. --config.attention_impl=xla')
+  # Kernel choices: configs written before they existed get the defaults.
+  from perceiver_jax import compute  # pylint: disable=g-import-not-at-top
+  for name, allowed in (('attention_form', compute.ATTENTION_FORMS),
+                        ('dropout_rng', compute.dropout_lib.DROPOUT_RNGS)):
+    value = config.get(name, compute.CONFIG_DEFAULTS[name])
+    if value not in allowed:
+      problems.append(f'config.{name}={value!r} must be one of {allowed}; '
+                      f'pass e.g. --config.{name}='
+                      f'{compute.CONFIG_DEFAULTS[name]}.')
   need('validation_split', lambda v: _is_number(v) and 0 < v < 1,
        'strictly between 0 and 1 (the held-out fraction of tfds "train")')
   need('dataset', lambda v: isinstance(v, str) and v.strip(),
@@ -155,7 +164,7 @@ def validate(config):
 RESUMABLE_FIELDS = (
     'num_epochs', 'log_every_steps', 'checkpoint_max_to_keep',
     'checkpoint_every_steps', 'tfds_data_dir', 'dtype', 'attention_impl',
-    'remat', 'learning_rate', 'weight_decay', 'plateau', 'early_stopping',
+    'attention_form', 'dropout_rng', 'remat', 'learning_rate', 'weight_decay', 'plateau', 'early_stopping',
 )
 
 

@@ -5,12 +5,13 @@ The seed (and the Perceiver paper) average the final latents; Perceiver IO
 them, so the model chooses which latents matter for the class.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from perceiver_jax import attention as attention_lib
+from perceiver_jax import compute as compute_lib
 
 
 class QueryDecoder(nn.Module):
@@ -24,14 +25,14 @@ class QueryDecoder(nn.Module):
     num_heads: attention heads; must divide `features`.
     attention_dropout_rate: dropout on the attention weights (train only).
     dtype: compute dtype; parameters are float32.
-    attention_impl: passed to `jax.nn.dot_product_attention`.
+    compute: `compute.Compute` (attention implementation and form).
     attention_init: 'keras2' or 'keras3' glorot fans of the kernels.
   """
   features: int
   num_heads: int = 1
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  attention_impl: Optional[str] = 'xla'
+  compute: compute_lib.Compute = compute_lib.Compute()
   attention_init: str = 'keras2'
 
   def __post_init__(self):
@@ -56,7 +57,7 @@ class QueryDecoder(nn.Module):
     out = attention_lib.MultiHeadAttention(
         self.num_heads, self.features // self.num_heads,
         self.attention_dropout_rate, dtype=self.dtype,
-        attention_impl=self.attention_impl,
+        compute=self.compute,
         attention_init=self.attention_init, name='attention')(
             query, latents, deterministic=deterministic)
     return out[:, 0]

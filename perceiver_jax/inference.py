@@ -40,7 +40,8 @@ CHECKPOINT_DIR = 'checkpoints'
 # Config fields the tools' command line may override (`--config.FIELD=`):
 # they change batching, where the data lives or the compute precision, not
 # which model or data the weights belong to.
-OVERRIDABLE_FIELDS = ('batch_size', 'tfds_data_dir', 'dtype', 'attention_impl')
+OVERRIDABLE_FIELDS = ('batch_size', 'tfds_data_dir', 'dtype', 'attention_impl',
+                      'attention_form')
 
 
 def _no_run_error(workdir, missing):

@@ -22,13 +22,15 @@ pipeline / train step), and the latent array is broadcast over the batch
 instead of being passed with batch size 1.
 """
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from perceiver_jax import attention as attention_lib
+from perceiver_jax import compute as compute_lib
 from perceiver_jax import decoders
+from perceiver_jax import dropout as dropout_lib
 from perceiver_jax import encoders
 from perceiver_jax import position_encoding as position_lib
 
@@ -58,6 +60,7 @@ class FeedForward(nn.Module):
   dropout_rate: float
   dtype: Any = jnp.float32
   final_dropout: bool = True
+  dropout_rng: str = 'hash'
 
   def __post_init__(self):
     if not self.units or any(u <= 0 for u in self.units):
@@ -75,7 +78,8 @@ class FeedForward(nn.Module):
         x = nn.gelu(x, approximate=False)  # tf.nn.gelu's default, exact erf.
     if not self.final_dropout:
       return x
-    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    return dropout_lib.Dropout(self.dropout_rate, self.dropout_rng)(
+        x, deterministic=deterministic)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -94,7 +98,7 @@ class CrossAttentionBlock(nn.Module):
   dropout_rate: float
   attention_dropout_rate: float
   dtype: Any = jnp.float32
-  attention_impl: Optional[str] = 'xla'
+  compute: compute_lib.Compute = compute_lib.Compute()
   num_heads: int = 0
   attention_init: str = 'keras2'
 
@@ -114,17 +118,17 @@ class CrossAttentionBlock(nn.Module):
       attention = attention_lib.MultiHeadAttention(
           self.num_heads, self.projection_dim // self.num_heads,
           self.attention_dropout_rate, dtype=self.dtype,
-          attention_impl=self.attention_impl,
+          compute=self.compute,
           attention_init=self.attention_init, sow_weights=True,
           name='attention')
     else:
       attention = attention_lib.CrossAttention(
           self.projection_dim, self.attention_dropout_rate, dtype=self.dtype,
-          attention_impl=self.attention_impl, name='attention')
+          compute=self.compute, name='attention')
     x = attention(latents, data, deterministic=deterministic)
     x = LayerNorm(dtype=self.dtype, name='ffn_norm')(x + latents)
     ffn = FeedForward(self.ffn_units, self.dropout_rate, dtype=self.dtype,
-                      name='ffn')
+                      dropout_rng=self.compute.dropout_rng, name='ffn')
     return ffn(x, deterministic=deterministic) + x
 
 
@@ -136,7 +140,7 @@ class TransformerBlock(nn.Module):
   dropout_rate: float
   attention_dropout_rate: float
   dtype: Any = jnp.float32
-  attention_impl: Optional[str] = 'xla'
+  compute: compute_lib.Compute = compute_lib.Compute()
   attention_init: str = 'keras2'
 
   @nn.compact
@@ -144,13 +148,14 @@ class TransformerBlock(nn.Module):
     y = LayerNorm(dtype=self.dtype, name='attention_norm')(x)
     y = attention_lib.MultiHeadSelfAttention(
         self.num_heads, self.head_dim, self.attention_dropout_rate,
-        dtype=self.dtype, attention_impl=self.attention_impl,
+        dtype=self.dtype, compute=self.compute,
         attention_init=self.attention_init, name='self_attention')(
             y, deterministic=deterministic)
     x = x + y
     y = LayerNorm(dtype=self.dtype, name='ffn_norm')(x)
     y = FeedForward(self.ffn_units, self.dropout_rate, dtype=self.dtype,
-                    name='ffn')(y, deterministic=deterministic)
+                    dropout_rng=self.compute.dropout_rng, name='ffn')(
+                        y, deterministic=deterministic)
     return x + y
 
 
@@ -163,7 +168,7 @@ class LatentTransformer(nn.Module):
   dropout_rate: float
   attention_dropout_rate: float
   dtype: Any = jnp.float32
-  attention_impl: Optional[str] = 'xla'
+  compute: compute_lib.Compute = compute_lib.Compute()
   attention_init: str = 'keras2'
   remat: bool = False
 
@@ -175,7 +180,7 @@ class LatentTransformer(nn.Module):
       x = block_cls(
           self.num_heads, self.head_dim, self.ffn_units, self.dropout_rate,
           self.attention_dropout_rate, dtype=self.dtype,
-          attention_impl=self.attention_impl,
+          compute=self.compute,
           attention_init=self.attention_init, name=f'block_{i}')(
               x, deterministic)
     return x
@@ -207,7 +212,8 @@ class Perceiver(nn.Module):
     dropout_rate: dropout after every FFN, the head included.
     attention_dropout_rate: dropout on all attention weights.
     dtype: compute dtype (parameters and logits stay float32).
-    attention_impl: jax.nn.dot_product_attention implementation.
+    compute: `compute.Compute`, kernel choices that keep the function
+      (attention implementation and form, dropout bit generator).
     attention_init: 'keras2' (the seed's Keras 2.7) or 'keras3' glorot fans
       of the multi-head attention kernels.
     remat: rematerialise the cross-attention and Transformer blocks in the
@@ -236,7 +242,7 @@ class Perceiver(nn.Module):
   dropout_rate: float
   attention_dropout_rate: float = 0.1
   dtype: Any = jnp.float32
-  attention_impl: Optional[str] = 'xla'
+  compute: compute_lib.Compute = compute_lib.Compute()
   attention_init: str = 'keras2'
   remat: bool = False
   position_encoding: str = 'learned'
@@ -267,7 +273,6 @@ class Perceiver(nn.Module):
     attention_lib.check_rate('dropout_rate', self.dropout_rate)
     attention_lib.check_rate('attention_dropout_rate',
                              self.attention_dropout_rate)
-    attention_lib.check_implementation(self.attention_impl)
     if self.attention_init not in attention_lib.ATTENTION_INITS:
       raise ValueError(f'attention_init must be one of '
                        f'{attention_lib.ATTENTION_INITS}, got '
@@ -332,7 +337,7 @@ class Perceiver(nn.Module):
     deterministic = not train
     common = dict(dropout_rate=self.dropout_rate,
                   attention_dropout_rate=self.attention_dropout_rate,
-                  dtype=self.dtype, attention_impl=self.attention_impl)
+                  dtype=self.dtype, compute=self.compute)
     data = PatchEncoder(
         self.patch_size, self.num_patches, self.projection_dim,
         dtype=self.dtype, position_encoding=self.position_encoding,
@@ -370,13 +375,13 @@ class Perceiver(nn.Module):
       representation = decoders.QueryDecoder(
           self.projection_dim, max(self.num_cross_heads, 1),
           self.attention_dropout_rate, dtype=self.dtype,
-          attention_impl=self.attention_impl,
+          compute=self.compute,
           attention_init=self.attention_init, name='decoder')(
               latents, deterministic=deterministic)
     logits = FeedForward(
         tuple(self.classifier_units) + (self.num_classes,), self.dropout_rate,
         dtype=self.dtype, final_dropout=self.logits_dropout,
-        name='classifier')(representation, deterministic=deterministic)
+        dropout_rng=self.compute.dropout_rng, name='classifier')(representation, deterministic=deterministic)
     return logits.astype(jnp.float32)
 
 
@@ -416,8 +421,8 @@ def create_model(config, num_classes):
     config: ConfigDict with image_size, patch_size, latent_dim, projection_dim,
       num_heads, ffn_units, num_transformer_blocks, num_iterations,
       classifier_units, dropout_rate, attention_dropout_rate and optionally
-      dtype (compute dtype name, default 'float32'), attention_impl
-      (default 'xla'), attention_init, remat and the paper options of
+      dtype (compute dtype name, default 'float32'), the fields of
+      `compute.CONFIG_DEFAULTS`, attention_init, remat and the paper options of
       PAPER_OPTION_DEFAULTS (defaults: the seed's model).
     num_classes: width of the logits.
 
@@ -443,7 +448,7 @@ def create_model(config, num_classes):
       dropout_rate=config.dropout_rate,
       attention_dropout_rate=config.get('attention_dropout_rate', 0.1),
       dtype=dtype,
-      attention_impl=config.get('attention_impl', 'xla'),
+      compute=compute_lib.from_config(config),
       attention_init=config.get('attention_init', 'keras2'),
       remat=config.get('remat', False),
       **{name: config.get(name, default)

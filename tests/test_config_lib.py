@@ -51,6 +51,10 @@ BAD = [
     ('plateau.patience', -1, 'config.plateau.patience=-1 must be a non-neg'),
     ('early_stopping.patience', -2, 'config.early_stopping.patience=-2'),
     ('checkpoint_max_to_keep', 0, 'config.checkpoint_max_to_keep=0'),
+    ('attention_form', 'fused', "config.attention_form='fused' must be one "
+     "of ('auto', 'factored', 'folded')"),
+    ('dropout_rng', 'philox', "config.dropout_rng='philox' must be one of "
+     "('hash', 'threefry')"),
 ]
 
 
@@ -83,6 +87,14 @@ def test_missing_field_and_mock_examples():
   problems = '\n'.join(config_lib.config_problems(config))
   assert 'config.seed is missing' in problems
   assert 'config.mock_num_examples=0 must be a positive integer' in problems
+
+
+def test_configs_without_kernel_choices_get_the_defaults():
+  """Workdirs written before attention_form / dropout_rng still load."""
+  config = cifar100.get_config()
+  del config['attention_form']
+  del config['dropout_rng']
+  assert config_lib.config_problems(config) == []
 
 
 def test_resume_conflicts_separate_model_from_training_fields():

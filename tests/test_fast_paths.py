@@ -160,7 +160,7 @@ def test_model_with_attention_impl_none_equals_xla():
   logits = {}
   for impl in (None, 'xla'):
     model = create_model(tiny_config(attention_impl=impl), NUM_CLASSES)
-    assert model.attention_impl == impl
+    assert model.compute.attention_impl == impl
     logits[impl] = compile_fast(functools.partial(model.apply, train=False),
                                 variables, images)(variables, images)
   # On CPU, None selects the XLA implementation: bitwise the same program.
@@ -268,7 +268,7 @@ def test_fast_config_is_the_seed_model_with_speed_options():
       fast.learning_rate,
       seed.learning_rate * np.sqrt(fast.batch_size / seed.batch_size))
   model = create_model(fast, 100)
-  assert model.dtype == jnp.bfloat16 and model.attention_impl is None
+  assert model.dtype == jnp.bfloat16 and model.compute.attention_impl is None
   params = jax.eval_shape(functools.partial(model.init, train=False),
                           jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype('float32')}

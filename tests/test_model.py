@@ -291,6 +291,33 @@ def test_each_dropout_is_wired(dropout_rate, attention_dropout_rate, differs):
   assert np.allclose(train, evaluation, atol=1e-6) != differs
 
 
+@pytest.mark.parametrize('dropout_rng', ['hash', 'threefry'])
+def test_attention_forms_train_the_same_model(dropout_rng):
+  """Folded and factored attention: same logits and gradients in training
+  (same dropout masks too), on the tiny model's weights."""
+  _, images, variables, _ = tiny()
+  labels = jnp.arange(images.shape[0]) % NUM_CLASSES
+
+  def logits_and_grads(form):
+    model = create_model(tiny_config(attention_form=form,
+                                     dropout_rng=dropout_rng), NUM_CLASSES)
+
+    def loss(params):
+      logits = model.apply({'params': params}, images, train=True,
+                           rngs={'dropout': key(4)})
+      one_hot = jax.nn.one_hot(labels, NUM_CLASSES)
+      return -jnp.mean(jnp.sum(one_hot * jax.nn.log_softmax(logits), -1)), (
+          logits)
+    return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+
+  (grads_a, logits_a), (grads_b, logits_b) = (
+      logits_and_grads('factored'), logits_and_grads('folded'))
+  np.testing.assert_allclose(logits_b, logits_a, rtol=1e-5, atol=1e-5)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6),
+      grads_a, grads_b)
+
+
 class JitTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -326,7 +353,7 @@ def test_attention_impl_none_equals_xla():
                                       implementation='xla'))
   config = tiny_config()
   config.attention_impl = None
-  assert create_model(config, NUM_CLASSES).attention_impl is None
+  assert create_model(config, NUM_CLASSES).compute.attention_impl is None
 
 
 def test_model_modules_do_not_import_tensorflow():
