@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from perceiver_jax import attention as attention_lib
+from perceiver_jax import folded as folded_lib
 from perceiver_jax import model as model_lib
 from perceiver_jax import sharding as sharding_lib
 from perceiver_jax import steps as steps_lib
@@ -103,8 +103,8 @@ def transformer_attention_folded(config, batch_size=None):
     return form == 'folded'
   d, n = config.projection_dim, config.latent_dim
   batch_size = config.batch_size if batch_size is None else batch_size
-  return attention_lib.folding_saves_flops(batch_size, n, n, d, d, d,
-                                           config.num_heads, d)
+  return folded_lib.saves_flops(batch_size, n, n, d, d, d, config.num_heads,
+                                d)
 
 
 def analytic_flops_per_example(config, num_classes, channels=CHANNELS,

@@ -1,4 +1,4 @@
-"""How the modules compute: kernel choices that leave the model's function alone.
+"""How the modules compute: kernel choices that keep the model's function.
 
 Every setting here selects among evaluations of the same function (equal up to
 floating-point rounding, and for dropout, up to which elements are dropped),
@@ -12,7 +12,7 @@ setting evaluates with another. They travel through the modules as one frozen
   'factored' is Keras' order: project q, k, v per head, attend, project out.
   'folded' multiplies the per-head weights first, `W_q W_k^T` and
   `W_v W_o`, so the heads attend over the un-projected inputs (see
-  `attention.folded_attention`); it needs fewer FLOPs when a head is as wide
+  `folded.folded_attention`); it needs fewer FLOPs when a head is as wide
   as the inputs, as in the seed's latent Transformer (8 heads of 256 on 256
   wide latents: 2/3 of the attention FLOPs, and no transposes). 'auto' picks
   the form with fewer FLOPs for each attention layer.

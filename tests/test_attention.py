@@ -1,4 +1,5 @@
-"""The folded attention form against Keras' factored order, and its parts."""
+"""Attention modules: the folded form against Keras' factored order (same
+parameters, outputs, gradients, masks and sown weights), and their parts."""
 
 import flax.linen as nn
 import jax
@@ -29,7 +30,8 @@ def randomised(params, seed=1):
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   return jax.tree.unflatten(tree, [
-      0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+      0.2 * jax.random.normal(k, x.shape, x.dtype)
+      for k, x in zip(keys, leaves)])
 
 
 def apply_both(x, kv=None, train=False, **kwargs):
@@ -105,35 +107,6 @@ def test_folded_in_bfloat16_stays_close_to_float32():
   assert folded.dtype == jnp.bfloat16
   np.testing.assert_allclose(folded.astype(jnp.float32), reference,
                              rtol=5e-2, atol=5e-2)
-
-
-def test_auto_folds_only_where_it_saves_flops():
-  # The seed's latent self-attention: 8 heads as wide as the latents.
-  assert attention.folding_saves_flops(16, 256, 256, 256, 256, 256, 8, 256)
-  # Standard heads that split the width: folding would cost 8x.
-  assert not attention.folding_saves_flops(16, 256, 1024, 256, 256, 256, 8,
-                                           32)
-  # At batch 1 the weight products cancel the saving (a tie: factored).
-  assert not attention.folding_saves_flops(1, 256, 256, 256, 256, 256, 8, 256)
-  x = jnp.zeros((4, 8, 16))
-  assert mha('auto', head_dim=16).bind({}).folded(x, x)
-  assert not mha('auto', head_dim=16).bind({}).folded(x[:2], x[:2])  # a tie
-  assert not mha('auto', head_dim=4).bind({}).folded(x, x)
-
-
-@pytest.mark.parametrize('m, k, n', [(12, 4, 16), (12, 16, 4)])
-def test_matmul_gradient_is_the_plain_gradient(m, k, n):
-  """Both branches of the custom weight gradient."""
-  x, w = inputs((m, k), 0), inputs((k, n), 1)
-  probe = inputs((m, n), 2)
-
-  def loss(fn):
-    return lambda x, w: jnp.sum(fn(x, w) * probe)
-
-  ours = jax.grad(loss(attention.matmul), argnums=(0, 1))(x, w)
-  plain = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
-  for a, b in zip(ours, plain):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_head_projection_initialises_like_dense_general():
