@@ -9,8 +9,11 @@ Same model and recipe as configs/cifar100.py except:
     applies, XLA elsewhere. Fused attention cannot drop attention weights,
     so it runs in evaluation; training keeps the seed's attention dropout
     (0.1) and materialises the weights.
-Augmentation runs on the device inside the jitted train step (as it does for
-every config) and the train state is donated to the step.
+Like every config it runs the latent self-attention folded and draws hash
+dropout bits (`attention_form='auto'`, `dropout_rng='hash'`: the same
+function with fewer FLOPs). Augmentation runs on the device inside the
+jitted train step (as it does for every config) and the train state is
+donated to the step.
 
 Command:
   python main.py --config=configs/cifar100_fast.py --workdir=/tmp/perceiver_fast
@@ -18,9 +21,9 @@ Throughput alone:
   python benchmarks/throughput.py --config=configs/cifar100_fast.py --steps=50
 
 Expected result: not yet measured. The epoch time on a GPU has not been
-measured yet (BENCHMARKS.md lists the commands), and neither has the accuracy: a batch 8x
-larger takes 8x fewer steps per epoch, so the seed's 52.6% top-1 is the
-target, not a measured outcome.
+measured yet (BENCHMARKS.md lists the commands), and neither has the
+accuracy: a batch 8x larger takes 8x fewer steps per epoch, so the seed's
+52.6% top-1 is the target, not a measured outcome.
 """
 
 import math
