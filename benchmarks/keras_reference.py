@@ -60,14 +60,19 @@ def _define_flags():
   flags.mark_flags_as_required(['config'])
 
 
-def build_seed_model(config, num_classes, mean, variance):
+def build_seed_model(config, num_classes, mean=None, variance=None):
   """The Keras example's Perceiver, in its own code (comments trimmed).
+
+  The only additions are layer names, so tests can copy weights across by
+  name (tests/test_model.py), and leaving the augmentation out when no
+  normalisation statistics are given.
 
   Args:
     config: model hyperparameters (see configs/cifar100.py).
     num_classes: logits width.
     mean: per-channel mean for the Normalization layer (the seed adapts it
-      on x_train; a fixed value costs the same).
+      on x_train; a fixed value costs the same). None: no augmentation, the
+      model maps already preprocessed `image_size` images to logits.
     variance: per-channel variance for the Normalization layer.
 
   Returns:
@@ -79,25 +84,29 @@ def build_seed_model(config, num_classes, mean, variance):
   image_size = config.image_size
   num_patches = (image_size // config.patch_size)**2
 
-  data_augmentation = keras.Sequential(
-      [
-          layers.Normalization(mean=mean, variance=variance),
-          layers.Resizing(image_size, image_size),
-          layers.RandomFlip('horizontal'),
-          layers.RandomZoom(height_factor=0.2, width_factor=0.2),
-      ],
-      name='data_augmentation',
-  )
-  # The seed builds Normalization eagerly by adapting it on x_train.
-  data_augmentation.build((None, RAW_IMAGE_SIZE, RAW_IMAGE_SIZE, CHANNELS))
+  data_augmentation = None
+  if mean is not None:
+    data_augmentation = keras.Sequential(
+        [
+            layers.Normalization(mean=mean, variance=variance),
+            layers.Resizing(image_size, image_size),
+            layers.RandomFlip('horizontal'),
+            layers.RandomZoom(height_factor=0.2, width_factor=0.2),
+        ],
+        name='data_augmentation',
+    )
+    # The seed builds Normalization eagerly by adapting it on x_train.
+    data_augmentation.build((None, RAW_IMAGE_SIZE, RAW_IMAGE_SIZE, CHANNELS))
 
-  def create_ffn(hidden_units, dropout_rate):
+  def create_ffn(hidden_units, dropout_rate, name):
     ffn_layers = []
-    for units in hidden_units[:-1]:
-      ffn_layers.append(layers.Dense(units, activation=tf.nn.gelu))
-    ffn_layers.append(layers.Dense(units=hidden_units[-1]))
+    for i, units in enumerate(hidden_units[:-1]):
+      ffn_layers.append(layers.Dense(units, activation=tf.nn.gelu,
+                                     name=f'{name}_dense_{i}'))
+    ffn_layers.append(layers.Dense(
+        units=hidden_units[-1], name=f'{name}_dense_{len(hidden_units) - 1}'))
     ffn_layers.append(layers.Dropout(dropout_rate))
-    return keras.Sequential(ffn_layers)
+    return keras.Sequential(ffn_layers, name=name)
 
   class Patches(layers.Layer):
 
@@ -136,19 +145,18 @@ def build_seed_model(config, num_classes, mean, variance):
         'data_array': layers.Input(shape=(data_dim, projection_dim),
                                    name='data_array'),
     }
-    latent_array = layers.LayerNormalization(epsilon=1e-6)(
-        inputs['latent_array'])
-    data_array = layers.LayerNormalization(epsilon=1e-6)(inputs['data_array'])
-    query = layers.Dense(units=projection_dim)(latent_array)
-    key = layers.Dense(units=projection_dim)(data_array)
-    value = layers.Dense(units=projection_dim)(data_array)
+    norm = lambda name: layers.LayerNormalization(epsilon=1e-6, name=name)
+    latent_array = norm('latent_norm')(inputs['latent_array'])
+    data_array = norm('data_norm')(inputs['data_array'])
+    query = layers.Dense(units=projection_dim, name='query')(latent_array)
+    key = layers.Dense(units=projection_dim, name='key')(data_array)
+    value = layers.Dense(units=projection_dim, name='value')(data_array)
     attention_output = layers.Attention(
-        use_scale=True, dropout=config.attention_dropout_rate)(
-            [query, key, value], return_attention_scores=False)
+        use_scale=True, dropout=config.attention_dropout_rate,
+        name='attention')([query, key, value], return_attention_scores=False)
     attention_output = layers.Add()([attention_output, latent_array])
-    attention_output = layers.LayerNormalization(epsilon=1e-6)(
-        attention_output)
-    ffn = create_ffn(hidden_units=ffn_units, dropout_rate=dropout_rate)
+    attention_output = norm('ffn_norm')(attention_output)
+    ffn = create_ffn(ffn_units, dropout_rate, name='cross_ffn')
     outputs = ffn(attention_output)
     outputs = layers.Add()([outputs, attention_output])
     return keras.Model(inputs=inputs, outputs=outputs)
@@ -158,14 +166,17 @@ def build_seed_model(config, num_classes, mean, variance):
                                 dropout_rate):
     inputs = layers.Input(shape=(latent_dim, projection_dim))
     x0 = inputs
-    for _ in range(num_transformer_blocks):
-      x1 = layers.LayerNormalization(epsilon=1e-6)(x0)
+    for b in range(num_transformer_blocks):
+      x1 = layers.LayerNormalization(
+          epsilon=1e-6, name=f'block_{b}_attention_norm')(x0)
       attention_output = layers.MultiHeadAttention(
           num_heads=num_heads, key_dim=projection_dim,
-          dropout=config.attention_dropout_rate)(x1, x1)
+          dropout=config.attention_dropout_rate,
+          name=f'block_{b}_self_attention')(x1, x1)
       x2 = layers.Add()([attention_output, x0])
-      x3 = layers.LayerNormalization(epsilon=1e-6)(x2)
-      ffn = create_ffn(hidden_units=ffn_units, dropout_rate=dropout_rate)
+      x3 = layers.LayerNormalization(
+          epsilon=1e-6, name=f'block_{b}_ffn_norm')(x2)
+      ffn = create_ffn(ffn_units, dropout_rate, name=f'block_{b}_ffn')
       x3 = ffn(x3)
       x0 = layers.Add()([x3, x2])
     return keras.Model(inputs=inputs, outputs=x0)
@@ -202,12 +213,13 @@ def build_seed_model(config, num_classes, mean, variance):
           self.num_transformer_blocks, self.ffn_units, self.dropout_rate)
       self.global_average_pooling = layers.GlobalAveragePooling1D()
       self.classification_head = create_ffn(
-          hidden_units=self.classifier_units, dropout_rate=self.dropout_rate)
+          self.classifier_units, self.dropout_rate, name='classifier')
       super().build(input_shape)
 
     def call(self, inputs):
-      augmented = data_augmentation(inputs)
-      patches = self.patcher(augmented)
+      if data_augmentation is not None:
+        inputs = data_augmentation(inputs)
+      patches = self.patcher(inputs)
       encoded_patches = self.patch_encoder(patches)
       cross_attention_inputs = {
           'latent_array': tf.expand_dims(self.latent_array, 0),

@@ -40,8 +40,8 @@ from perceiver_jax import dropout as dropout_lib
 from perceiver_jax import folded as folded_lib
 
 Compute = compute_lib.Compute
-ATTENTION_IMPLEMENTATIONS = compute_lib.ATTENTION_IMPLEMENTATIONS
 check_implementation = compute_lib.check_implementation
+check_rate = dropout_lib.check_rate
 
 # Keras' default kernel initialiser for 2-D kernels.
 keras_glorot_uniform = nn.initializers.glorot_uniform()
@@ -83,12 +83,6 @@ def multihead_kernel_init(style, shape, num_input_axes):
     return jax.random.uniform(key, flat_shape, dtype, -limit, limit)
 
   return init
-
-
-def check_rate(name, rate):
-  """Raises ValueError unless `rate` is a dropout rate in [0, 1)."""
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f'{name} must be in [0, 1), got {rate!r}.')
 
 
 def dot_product_attention(query, key, value, *, scale, dropout_rate=0.0,

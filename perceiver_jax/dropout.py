@@ -43,6 +43,12 @@ def check_rng(rng):
                      f'{rng!r}.')
 
 
+def check_rate(name, rate):
+  """Raises ValueError unless `rate` is a dropout rate in [0, 1)."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f'{name} must be in [0, 1), got {rate!r}.')
+
+
 def _fmix32(h):
   """MurmurHash3's finaliser: a bijection of uint32 with full avalanche."""
   h = h ^ (h >> 16)
@@ -93,8 +99,7 @@ def keep_mask(rng, keep_prob, shape, *, impl='hash',
   if impl == 'threefry':
     logical = tuple(shape[p] for p in perm)
     mask = jax.random.bernoulli(rng, keep_prob, logical)
-    return jnp.transpose(mask, np.argsort(perm)) if perm != tuple(
-        range(len(shape))) else mask
+    return jnp.transpose(mask, np.argsort(perm))  # identity: free
   if not shape:
     shape, perm, scalar = (1,), (0,), True
   else:
@@ -130,8 +135,7 @@ class Dropout(nn.Module):
   rng: str = 'hash'
 
   def __post_init__(self):
-    if not 0.0 <= self.rate < 1.0:
-      raise ValueError(f'dropout rate must be in [0, 1), got {self.rate!r}.')
+    check_rate('dropout rate', self.rate)
     check_rng(self.rng)
     super().__post_init__()
 

@@ -398,150 +398,16 @@ def test_bad_config_raises(overrides, message):
 
 @pytest.fixture(scope='module')
 def keras_seed():
-  """The seed's model code, only with layer names added; returns a builder."""
+  """The seed's model code (benchmarks/keras_reference.py, which adds only
+  layer names), without augmentation; returns (builder, tf)."""
   if 'keras' not in sys.modules:
     os.environ['KERAS_BACKEND'] = 'tensorflow'
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if keras.backend.backend() != 'tensorflow':
     pytest.skip('keras was already imported with a non-TensorFlow backend')
-  layers = keras.layers
-
-  def create_ffn(hidden_units, dropout_rate, name):
-    ffn_layers = []
-    for i, units in enumerate(hidden_units[:-1]):
-      ffn_layers.append(layers.Dense(units, activation=tf.nn.gelu,
-                                     name=f'{name}_dense_{i}'))
-    ffn_layers.append(layers.Dense(
-        units=hidden_units[-1], name=f'{name}_dense_{len(hidden_units) - 1}'))
-    ffn_layers.append(layers.Dropout(dropout_rate))
-    return keras.Sequential(ffn_layers, name=name)
-
-  class Patches(layers.Layer):
-
-    def __init__(self, patch_size):
-      super().__init__()
-      self.patch_size = patch_size
-
-    def call(self, images):
-      batch_size = tf.shape(images)[0]
-      patches = tf.image.extract_patches(
-          images=images, sizes=[1, self.patch_size, self.patch_size, 1],
-          strides=[1, self.patch_size, self.patch_size, 1],
-          rates=[1, 1, 1, 1], padding='VALID')
-      return tf.reshape(patches, [batch_size, -1, patches.shape[-1]])
-
-  class PatchEncoder(layers.Layer):
-
-    def __init__(self, num_patches, projection_dim):
-      super().__init__()
-      self.num_patches = num_patches
-      self.projection = layers.Dense(units=projection_dim)
-      self.position_embedding = layers.Embedding(
-          input_dim=num_patches, output_dim=projection_dim)
-
-    def call(self, patches):
-      positions = tf.range(start=0, limit=self.num_patches, delta=1)
-      return self.projection(patches) + self.position_embedding(positions)
-
-  def create_cross_attention_module(latent_dim, data_dim, projection_dim,
-                                    ffn_units, dropout_rate):
-    inputs = {
-        'latent_array': layers.Input(shape=(latent_dim, projection_dim),
-                                     name='latent_array'),
-        'data_array': layers.Input(shape=(data_dim, projection_dim),
-                                   name='data_array'),
-    }
-    ln = lambda name: layers.LayerNormalization(epsilon=1e-6, name=name)
-    latent_array = ln('latent_norm')(inputs['latent_array'])
-    data_array = ln('data_norm')(inputs['data_array'])
-    query = layers.Dense(units=projection_dim, name='query')(latent_array)
-    key = layers.Dense(units=projection_dim, name='key')(data_array)
-    value = layers.Dense(units=projection_dim, name='value')(data_array)
-    attention_output = layers.Attention(
-        use_scale=True, dropout=0.1, name='attention')([query, key, value])
-    attention_output = layers.Add()([attention_output, latent_array])
-    attention_output = ln('ffn_norm')(attention_output)
-    ffn = create_ffn(ffn_units, dropout_rate, name='cross_ffn')
-    outputs = layers.Add()([ffn(attention_output), attention_output])
-    return keras.Model(inputs=inputs, outputs=outputs)
-
-  def create_transformer_module(latent_dim, projection_dim, num_heads,
-                                num_transformer_blocks, ffn_units,
-                                dropout_rate):
-    inputs = layers.Input(shape=(latent_dim, projection_dim))
-    x0 = inputs
-    for b in range(num_transformer_blocks):
-      x1 = layers.LayerNormalization(
-          epsilon=1e-6, name=f'block_{b}_attention_norm')(x0)
-      attention_output = layers.MultiHeadAttention(
-          num_heads=num_heads, key_dim=projection_dim, dropout=0.1,
-          name=f'block_{b}_self_attention')(x1, x1)
-      x2 = layers.Add()([attention_output, x0])
-      x3 = layers.LayerNormalization(
-          epsilon=1e-6, name=f'block_{b}_ffn_norm')(x2)
-      x3 = create_ffn(ffn_units, dropout_rate, name=f'block_{b}_ffn')(x3)
-      x0 = layers.Add()([x3, x2])
-    return keras.Model(inputs=inputs, outputs=x0)
-
-  class Perceiver(keras.Model):
-    """The seed's class; `call` without augmentation, returning the logits."""
-
-    def __init__(self, patch_size, data_dim, latent_dim, projection_dim,
-                 num_heads, num_transformer_blocks, ffn_units, dropout_rate,
-                 num_iterations, classifier_units):
-      super().__init__()
-      self.latent_dim = latent_dim
-      self.data_dim = data_dim
-      self.patch_size = patch_size
-      self.projection_dim = projection_dim
-      self.num_heads = num_heads
-      self.num_transformer_blocks = num_transformer_blocks
-      self.ffn_units = ffn_units
-      self.dropout_rate = dropout_rate
-      self.num_iterations = num_iterations
-      self.classifier_units = classifier_units
-
-    def build(self, input_shape):
-      self.latent_array = self.add_weight(
-          shape=(self.latent_dim, self.projection_dim),
-          initializer='random_normal', trainable=True)
-      self.patcher = Patches(self.patch_size)
-      self.patch_encoder = PatchEncoder(self.data_dim, self.projection_dim)
-      self.cross_attention = create_cross_attention_module(
-          self.latent_dim, self.data_dim, self.projection_dim, self.ffn_units,
-          self.dropout_rate)
-      self.transformer = create_transformer_module(
-          self.latent_dim, self.projection_dim, self.num_heads,
-          self.num_transformer_blocks, self.ffn_units, self.dropout_rate)
-      self.global_average_pooling = layers.GlobalAveragePooling1D()
-      self.classification_head = create_ffn(
-          self.classifier_units, self.dropout_rate, name='classifier')
-      super().build(input_shape)
-
-    def call(self, inputs):
-      patches = self.patcher(inputs)
-      encoded_patches = self.patch_encoder(patches)
-      cross_attention_inputs = {
-          'latent_array': tf.expand_dims(self.latent_array, 0),
-          'data_array': encoded_patches,
-      }
-      for _ in range(self.num_iterations):
-        latent_array = self.cross_attention(cross_attention_inputs)
-        latent_array = self.transformer(latent_array)
-        cross_attention_inputs['latent_array'] = latent_array
-      representation = self.global_average_pooling(latent_array)
-      return self.classification_head(representation)
-
-  def build(config, num_classes):
-    return Perceiver(
-        config.patch_size, (config.image_size // config.patch_size)**2,
-        config.latent_dim, config.projection_dim, config.num_heads,
-        config.num_transformer_blocks, list(config.ffn_units),
-        config.dropout_rate, config.num_iterations,
-        list(config.classifier_units) + [num_classes])
-
-  return build, tf
+  from benchmarks import keras_reference  # pylint: disable=g-import-not-at-top
+  return keras_reference.build_seed_model, tf
 
 
 def keras_to_flax_params(keras_model, config):
