@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from perceiver_jax import attention_core
 from perceiver_jax import compute as compute_lib
 from perceiver_jax import dropout as dropout_lib
 from perceiver_jax import folded as folded_lib
@@ -94,8 +95,8 @@ def dot_product_attention(query, key, value, *, scale, dropout_rate=0.0,
   Without active dropout this calls `jax.nn.dot_product_attention`, so
   `implementation` can select a fused kernel. Keras drops attention weights,
   which fused kernels cannot do, so with dropout (or when the weights are
-  asked for) the weights are materialised here (logits and softmax in
-  float32, like jax.nn's XLA path).
+  asked for) the weights are materialised by `attention_core` (logits and
+  softmax in float32, like jax.nn's XLA path).
 
   Args:
     query: `[batch, q_length, heads, head_dim]`.
@@ -127,15 +128,19 @@ def dot_product_attention(query, key, value, *, scale, dropout_rate=0.0,
         query, key, value, scale=scale, implementation=implementation)
   if dropout and dropout_rng is None:
     raise ValueError('dropout_rng is required when attention dropout is on.')
-  logits = jnp.einsum('btnh,bsnh->bnts', query, key,
-                      preferred_element_type=jnp.float32) * scale
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  attended = weights
+  # Heads first, [batch, heads, length, head_dim]: free for one head.
+  query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
+  keep = None
   if dropout:
-    attended = dropout_lib.dropout(weights, dropout_rate, dropout_rng,
-                                   impl=dropout_impl)
-  out = jnp.einsum('bnts,bsnh->btnh', attended.astype(value.dtype), value)
-  return (out, weights) if return_weights else out
+    keep = dropout_lib.keep_multipliers(
+        dropout_rng, dropout_rate, query.shape[:-1] + key.shape[-2:-1],
+        impl=dropout_impl)
+  out, _ = attention_core.softmax_attention(query, key, value, keep,
+                                            scale=scale)
+  out = jnp.swapaxes(out, 1, 2)
+  if return_weights:
+    return out, attention_core.softmax_weights(query, key, scale=scale)
+  return out
 
 
 def attend(module, query, key, value, *, scale, dropout_rate, deterministic,

@@ -116,6 +116,14 @@ def keep_mask(rng, keep_prob, shape, *, impl='hash',
   return mask[0] if scalar else mask
 
 
+def keep_multipliers(rng, rate, shape, *, impl='hash', perm=None):
+  """float32 `1 / (1 - rate)` where `keep_mask` keeps, 0 where it drops."""
+  check_rate('dropout rate', rate)
+  keep_prob = 1.0 - rate
+  mask = keep_mask(rng, keep_prob, shape, impl=impl, perm=perm)
+  return jnp.where(mask, np.float32(1.0 / keep_prob), np.float32(0.0))
+
+
 def dropout(x, rate, rng, *, impl='hash', perm=None):
   """Zeroes a `rate` fraction of `x` and scales the rest by 1/(1-rate)."""
   if rate == 0.0:

@@ -13,6 +13,7 @@ when that pays; `attention.MultiHeadAttention` decides with it
 import jax
 import jax.numpy as jnp
 
+from perceiver_jax import attention_core
 from perceiver_jax import compute as compute_lib
 from perceiver_jax import dropout as dropout_lib
 
@@ -102,30 +103,33 @@ def folded_attention(inputs_q, inputs_kv, *, query, key, value, output,
              w_qk.reshape(d_q, num_heads * d_kv).astype(dtype))
   a = a.reshape(batch, q_length, num_heads, d_kv) + c_q.astype(dtype)
   dropout = not deterministic and dropout_rate > 0.0
+  if dropout and dropout_rng is None:
+    raise ValueError('dropout_rng is required when attention dropout is on.')
+  kv_length = y.shape[1]
+  # Queries of every head in one axis: [batch, q_length * heads, d_kv].
+  a_flat = a.reshape(batch, q_length * num_heads, d_kv)
   if not dropout and not return_weights:
     shared = y[:, :, None, :]  # one key/value head serves every query head
     z = jax.nn.dot_product_attention(a, shared, shared, scale=1.0,
                                      implementation=compute.attention_impl)
     row_sums = jnp.ones(a.shape[:3], jnp.float32)
   else:
-    if dropout and dropout_rng is None:
-      raise ValueError('dropout_rng is required when attention dropout is on.')
-    logits = jnp.einsum('btne,bse->btns', a, y,
-                        preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1)
-    attended = weights
+    keep = None
     if dropout:
-      attended = dropout_lib.dropout(weights, dropout_rate, dropout_rng,
-                                     impl=compute.dropout_rng,
-                                     perm=(0, 2, 1, 3))
-    z = jnp.einsum('btns,bse->btne', attended.astype(dtype), y)
-    row_sums = jnp.sum(attended, axis=-1)
+      keep = dropout_lib.keep_multipliers(
+          dropout_rng, dropout_rate, (batch, q_length, num_heads, kv_length),
+          impl=compute.dropout_rng, perm=(0, 2, 1, 3))
+      keep = keep.reshape(a_flat.shape[:2] + (kv_length,))
+    z, row_sums = attention_core.softmax_attention(a_flat, y, y, keep)
+    z, row_sums = z.reshape(a.shape), row_sums.reshape(a.shape[:3])
   out = matmul(z.reshape(batch * q_length, num_heads * d_kv),
                w_vo.reshape(num_heads * d_kv, d_out).astype(dtype))
   out = (out.reshape(batch, q_length, d_out) +
          jnp.einsum('btn,nf->btf', row_sums.astype(dtype), u.astype(dtype)) +
          b_o.astype(dtype))
   if return_weights:
+    weights = attention_core.softmax_weights(a_flat, y).reshape(
+        batch, q_length, num_heads, kv_length)
     return out, jnp.transpose(weights, (0, 2, 1, 3))
   return out
 

@@ -83,6 +83,18 @@ def test_dropout_scales_kept_values_and_zeroes_the_rest():
   assert (out[~mask] == 0).all()
 
 
+@pytest.mark.parametrize('impl', dropout.DROPOUT_RNGS)
+def test_keep_multipliers_are_the_mask_scaled(impl):
+  keep = np.asarray(dropout.keep_multipliers(
+      jax.random.key(3), 0.2, (3, 4, 50), impl=impl, perm=(1, 0, 2)))
+  mask = np.asarray(dropout.keep_mask(jax.random.key(3), 0.8, (3, 4, 50),
+                                      impl=impl, perm=(1, 0, 2)))
+  assert keep.dtype == np.float32
+  np.testing.assert_array_equal(keep, np.where(mask, np.float32(1 / 0.8), 0))
+  with pytest.raises(ValueError, match='dropout rate'):
+    dropout.keep_multipliers(jax.random.key(3), 1.0, (2,))
+
+
 def test_module_is_identity_when_deterministic_and_draws_when_training():
   layer = dropout.Dropout(0.5)
   x = jnp.ones((4, 64))
