@@ -21,6 +21,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from perceiver_jax import host_memory
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file, e.g. configs/cifar100.py. '
@@ -50,6 +52,11 @@ flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0 (multi-host GPU/CPU runs).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 flags.DEFINE_integer('process_id', None, 'Index of this process.')
+flags.DEFINE_enum(
+    'host_memory', 'auto', host_memory.MODES,
+    "retain: set glibc's malloc to keep freed memory, so the CPU train step "
+    'does not fault in its gigabytes of buffers every step. auto: retain '
+    'unless a GPU/TPU plugin is installed. system: the allocator defaults.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -89,6 +96,10 @@ def main(argv):
     raise app.UsageError('--config is required to train, e.g. '
                          '--config=configs/cifar100.py.')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Before the JAX backend starts its threads.
+  if host_memory.configure(FLAGS.host_memory):
+    logging.info('Host memory: freed memory is kept for reuse '
+                 '(--host_memory=system to turn off).')
   # Imported here so `--help` and flag errors do not wait for jax/tensorflow.
   # pylint: disable=g-import-not-at-top
   from perceiver_jax import metrics

@@ -36,6 +36,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
+
+from perceiver_jax import host_memory
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -57,6 +59,10 @@ def _define_flags():
   flags.DEFINE_enum('jit_compile', 'auto', ['auto', 'true', 'false'],
                     "model.compile's jit_compile; 'auto' (Keras' default) is "
                     'False on CPU-only machines.')
+  flags.DEFINE_enum('host_memory', 'system', host_memory.MODES,
+                    "'system' runs the example as it ships; 'retain' sets "
+                    "glibc's malloc as main.py does on CPU, to compare like "
+                    'with like.')
   flags.mark_flags_as_required(['config'])
 
 
@@ -322,6 +328,8 @@ def benchmark(config, *, num_classes=100, steps=20, warmup=2,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  retained = host_memory.configure(FLAGS.host_memory)
+  print(f'host memory: {"retained" if retained else "system defaults"}')
   jit_compile = {'auto': 'auto', 'true': True, 'false': False}[
       FLAGS.jit_compile]
   benchmark(FLAGS.config, num_classes=FLAGS.num_classes, steps=FLAGS.steps,

@@ -53,6 +53,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from perceiver_jax import folded as folded_lib
+from perceiver_jax import host_memory
 from perceiver_jax import model as model_lib
 from perceiver_jax import sharding as sharding_lib
 from perceiver_jax import steps as steps_lib
@@ -80,6 +81,10 @@ def _define_flags():
   flags.DEFINE_integer(
       'peak_matmul_size', 0, 'Side of the square matmul timed for the peak; '
       '0 picks 2048 on CPU and 8192 on accelerators.')
+  flags.DEFINE_enum('host_memory', 'auto', host_memory.MODES,
+                    'As main.py: retain freed host memory (auto: unless a '
+                    'GPU/TPU plugin is installed) or use the system '
+                    "allocator's defaults.")
   flags.mark_flags_as_required(['config'])
 
 
@@ -430,6 +435,8 @@ def benchmark_host_pipeline(config, *, steps=20, warmup=2, log=print):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  retained = host_memory.configure(FLAGS.host_memory)
+  print(f'host memory: {"retained" if retained else "system defaults"}')
   if FLAGS.mode == 'host_pipeline':
     benchmark_host_pipeline(FLAGS.config, steps=FLAGS.steps,
                             warmup=FLAGS.warmup)
