@@ -5,8 +5,8 @@ at batch 16) with malloc and frees them when the step ends. glibc serves
 requests above 32 MiB with fresh pages from mmap and gives them back on free,
 and worker threads allocate from their own heaps, which it trims or unmaps
 as they empty. So every step touches every page anew: the kernel maps and
-zeroes about 650,000 pages per step of the seed's model (1.3 s of system
-time, about a quarter of the step, on a 2-core CPU).
+zeroes about 650,000 pages per step of the seed's model at batch 16, 1.2 to
+1.4 s of kernel time, a sixth of the step's CPU time on a 2-core CPU.
 
 `retain_freed_memory` sets glibc's malloc, through `mallopt`, to use a
 single heap, never mmap and never trim, so the pages of one step serve the
