@@ -6,8 +6,8 @@ Architecture, initialisers and layer order follow the Keras example exactly:
   latent array (learned) -> [cross-attention -> latent Transformer] x T
   -> mean over latents -> classifier FFN (ending in dropout, as in the seed)
 
-The cross-attention module and the latent Transformer are each applied
-`num_iterations` times with the SAME weights, as in the seed
+The cross-attention module and the latent Transformer (`blocks.py`) are
+each applied `num_iterations` times with the SAME weights, as in the seed
 (`weight_sharing='all'`).
 
 Options from the Perceiver papers, each off by default so the default model
@@ -28,15 +28,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from perceiver_jax import attention as attention_lib
+from perceiver_jax import blocks
 from perceiver_jax import compute as compute_lib
 from perceiver_jax import decoders
-from perceiver_jax import dropout as dropout_lib
 from perceiver_jax import encoders
 from perceiver_jax import position_encoding as position_lib
 
-keras_glorot_uniform = attention_lib.keras_glorot_uniform
-LayerNorm = attention_lib.LayerNorm
-keras_uniform = encoders.keras_uniform
 extract_patches = encoders.extract_patches
 PatchEncoder = encoders.PatchEncoder
 
@@ -47,152 +44,6 @@ WEIGHT_SHARING = ('all', 'paper', 'none')
 # How latents become the class representation: 'mean' (the seed) or
 # 'query' (Perceiver IO: a learned query cross-attends the latents).
 DECODERS = ('mean', 'query')
-
-
-class FeedForward(nn.Module):
-  """The seed's `create_ffn`: Dense+GELU per width but the last, then dropout.
-
-  The last Dense is linear and dropout follows it (for the classifier head,
-  dropout on the logits, exactly as the seed does) unless `final_dropout`
-  is False.
-  """
-  units: Sequence[int]
-  dropout_rate: float
-  dtype: Any = jnp.float32
-  final_dropout: bool = True
-  dropout_rng: str = 'hash'
-
-  def __post_init__(self):
-    if not self.units or any(u <= 0 for u in self.units):
-      raise ValueError(f'units must be non-empty and positive, got '
-                       f'{self.units!r}.')
-    attention_lib.check_rate('dropout_rate', self.dropout_rate)
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(self, x, *, deterministic):
-    for i, units in enumerate(self.units):
-      x = nn.Dense(units, dtype=self.dtype, kernel_init=keras_glorot_uniform,
-                   name=f'dense_{i}')(x)
-      if i < len(self.units) - 1:
-        x = nn.gelu(x, approximate=False)  # tf.nn.gelu's default, exact erf.
-    if not self.final_dropout:
-      return x
-    return dropout_lib.Dropout(self.dropout_rate, self.dropout_rng)(
-        x, deterministic=deterministic)
-
-
-class CrossAttentionBlock(nn.Module):
-  """The seed's cross-attention module: latents read from the data array.
-
-  Note the residual adds the *normalised* latents (as the seed does), and the
-  second residual adds the LayerNorm output, not its input.
-
-  `num_heads=0` is the seed's single head with a learned scalar scale and no
-  output projection; `num_heads=k` is standard multi-head attention (k heads
-  of width projection_dim // k, 1/sqrt(head_dim), output projection). Both
-  sow their weights when 'intermediates' is mutable.
-  """
-  projection_dim: int
-  ffn_units: Sequence[int]
-  dropout_rate: float
-  attention_dropout_rate: float
-  dtype: Any = jnp.float32
-  compute: compute_lib.Compute = compute_lib.Compute()
-  num_heads: int = 0
-  attention_init: str = 'keras2'
-
-  def __post_init__(self):
-    if self.num_heads < 0 or (
-        self.num_heads and self.projection_dim % self.num_heads):
-      raise ValueError(f'num_cross_heads must be 0 (the seed) or divide '
-                       f'projection_dim {self.projection_dim}, got '
-                       f'{self.num_heads}.')
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(self, latents, data, deterministic):
-    latents = LayerNorm(dtype=self.dtype, name='latent_norm')(latents)
-    data = LayerNorm(dtype=self.dtype, name='data_norm')(data)
-    if self.num_heads:
-      attention = attention_lib.MultiHeadAttention(
-          self.num_heads, self.projection_dim // self.num_heads,
-          self.attention_dropout_rate, dtype=self.dtype,
-          compute=self.compute,
-          attention_init=self.attention_init, sow_weights=True,
-          name='attention')
-    else:
-      attention = attention_lib.CrossAttention(
-          self.projection_dim, self.attention_dropout_rate, dtype=self.dtype,
-          compute=self.compute, name='attention')
-    x = attention(latents, data, deterministic=deterministic)
-    x = LayerNorm(dtype=self.dtype, name='ffn_norm')(x + latents)
-    ffn = FeedForward(self.ffn_units, self.dropout_rate, dtype=self.dtype,
-                      dropout_rng=self.compute.dropout_rng, name='ffn')
-    return ffn(x, deterministic=deterministic) + x
-
-
-class TransformerBlock(nn.Module):
-  """Pre-LN Transformer block on the latents (one block of the seed's loop)."""
-  num_heads: int
-  head_dim: int
-  ffn_units: Sequence[int]
-  dropout_rate: float
-  attention_dropout_rate: float
-  dtype: Any = jnp.float32
-  compute: compute_lib.Compute = compute_lib.Compute()
-  attention_init: str = 'keras2'
-
-  @nn.compact
-  def __call__(self, x, deterministic):
-    y = LayerNorm(dtype=self.dtype, name='attention_norm')(x)
-    y = attention_lib.MultiHeadSelfAttention(
-        self.num_heads, self.head_dim, self.attention_dropout_rate,
-        dtype=self.dtype, compute=self.compute,
-        attention_init=self.attention_init, name='self_attention')(
-            y, deterministic=deterministic)
-    x = x + y
-    y = LayerNorm(dtype=self.dtype, name='ffn_norm')(x)
-    y = FeedForward(self.ffn_units, self.dropout_rate, dtype=self.dtype,
-                    dropout_rng=self.compute.dropout_rng, name='ffn')(
-                        y, deterministic=deterministic)
-    return x + y
-
-
-class LatentTransformer(nn.Module):
-  """The seed's Transformer module: `num_blocks` blocks, O(latents^2) cost."""
-  num_blocks: int
-  num_heads: int
-  head_dim: int
-  ffn_units: Sequence[int]
-  dropout_rate: float
-  attention_dropout_rate: float
-  dtype: Any = jnp.float32
-  compute: compute_lib.Compute = compute_lib.Compute()
-  attention_init: str = 'keras2'
-  remat: bool = False
-
-  @nn.compact
-  def __call__(self, x, *, deterministic):
-    block_cls = (remat(TransformerBlock, 2) if self.remat else
-                 TransformerBlock)
-    for i in range(self.num_blocks):
-      x = block_cls(
-          self.num_heads, self.head_dim, self.ffn_units, self.dropout_rate,
-          self.attention_dropout_rate, dtype=self.dtype,
-          compute=self.compute,
-          attention_init=self.attention_init, name=f'block_{i}')(
-              x, deterministic)
-    return x
-
-
-def remat(block_cls, deterministic_argnum):
-  """Recomputes a block's activations in the backward pass to save memory.
-
-  `deterministic` (positional argument `deterministic_argnum`, self being 0)
-  is static: it selects code rather than being traced.
-  """
-  return nn.remat(block_cls, static_argnums=(deterministic_argnum,))
 
 
 class Perceiver(nn.Module):
@@ -352,8 +203,8 @@ class Perceiver(nn.Module):
                                (images.shape[0],) + latent_array.shape)
     # Each set is created once and called on its iterations: with 'all' (the
     # seed) one set serves every iteration under the seed's names.
-    cross_cls = (remat(CrossAttentionBlock, 3) if self.remat else
-                 CrossAttentionBlock)
+    cross_cls = (blocks.remat(blocks.CrossAttentionBlock, 3) if self.remat
+                 else blocks.CrossAttentionBlock)
     suffix = lambda i: '' if self.weight_sharing == 'all' else f'_{i}'
     cross_attentions, transformers = [], []
     for i in range(self.num_weight_sets):
@@ -361,7 +212,7 @@ class Perceiver(nn.Module):
           self.projection_dim, tuple(self.ffn_units),
           num_heads=self.num_cross_heads, attention_init=self.attention_init,
           name='cross_attention' + suffix(i), **common))
-      transformers.append(LatentTransformer(
+      transformers.append(blocks.LatentTransformer(
           self.num_transformer_blocks, self.num_heads, self.projection_dim,
           tuple(self.ffn_units), attention_init=self.attention_init,
           remat=self.remat, name='latent_transformer' + suffix(i), **common))
@@ -378,7 +229,7 @@ class Perceiver(nn.Module):
           compute=self.compute,
           attention_init=self.attention_init, name='decoder')(
               latents, deterministic=deterministic)
-    logits = FeedForward(
+    logits = blocks.FeedForward(
         tuple(self.classifier_units) + (self.num_classes,), self.dropout_rate,
         dtype=self.dtype, final_dropout=self.logits_dropout,
         dropout_rng=self.compute.dropout_rng, name='classifier')(representation, deterministic=deterministic)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from perceiver_jax import attention
+from perceiver_jax import blocks
 from perceiver_jax import config_lib
 from perceiver_jax import decoders
 from perceiver_jax import encoders
@@ -424,7 +425,7 @@ def test_attention_dropout_reaches_new_attentions(overrides):
 def test_classifier_without_logits_dropout_ignores_the_rng():
   x = jnp.asarray(np.random.RandomState(4).normal(size=(4, 8)), jnp.float32)
   for final_dropout in (True, False):
-    head = model_lib.FeedForward((8, 5), 0.5, final_dropout=final_dropout)
+    head = blocks.FeedForward((8, 5), 0.5, final_dropout=final_dropout)
     variables = random_variables(head, x, deterministic=True)
     train = lambda seed, head=head, v=variables: head.apply(
         v, x, deterministic=False, rngs={'dropout': key(seed)})
@@ -582,7 +583,7 @@ def test_submodules_reject_bad_options():
   with pytest.raises(ValueError, match='position_encoding must be one of'):
     encoders.PatchEncoder(2, 16, 8, position_encoding='none')
   with pytest.raises(ValueError, match='num_cross_heads must be 0'):
-    model_lib.CrossAttentionBlock(8, (8, 8), 0.0, 0.0, num_heads=3)
+    blocks.CrossAttentionBlock(8, (8, 8), 0.0, 0.0, num_heads=3)
   with pytest.raises(ValueError, match='must be positive and divide'):
     decoders.QueryDecoder(features=8, num_heads=3)
   with pytest.raises(ValueError, match='attention_init must be one of'):
