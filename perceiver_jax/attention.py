@@ -126,8 +126,6 @@ def dot_product_attention(query, key, value, *, scale, dropout_rate=0.0,
   if not dropout and not return_weights:
     return jax.nn.dot_product_attention(
         query, key, value, scale=scale, implementation=implementation)
-  if dropout and dropout_rng is None:
-    raise ValueError('dropout_rng is required when attention dropout is on.')
   # Heads first, [batch, heads, length, head_dim]: free for one head.
   query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
   keep = None

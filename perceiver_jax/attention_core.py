@@ -4,8 +4,7 @@ Keras drops attention *weights*, so the seed's attention cannot use a fused
 kernel in training: the `[..., queries, keys]` weights are materialised.
 Differentiating that chain automatically leaves the layout of the backward
 products to XLA, which on a CPU copies the `[..., queries, keys]` gradients
-into a transposed layout before contracting over the queries, and keeps the
-dropout mask (or regenerates it) for the backward pass.
+into a transposed layout before contracting over the queries.
 
 `softmax_attention` saves the softmax weights and the dropped weights instead
 and writes the backward pass out: with `A = keep * W` the dropped weights and
@@ -14,6 +13,8 @@ and writes the backward pass out: with `A = keep * W` the dropped weights and
 over the last axis of one operand or over the queries of both, in the
 layout the forward pass produced.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -50,16 +51,12 @@ def _backward(scale, residuals, cotangents):
   return d_query, d_key, d_value, None
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(query, key, value, keep, scale):
   return _forward(query, key, value, keep, scale)[0]
 
 
-def _attention_fwd(query, key, value, keep, scale):
-  return _forward(query, key, value, keep, scale)
-
-
-_attention = jax.custom_vjp(_attention, nondiff_argnums=(4,))
-_attention.defvjp(_attention_fwd, _backward)
+_attention.defvjp(_forward, _backward)
 
 
 def softmax_attention(query, key, value, keep=None, *, scale=1.0):

@@ -119,6 +119,8 @@ def keep_mask(rng, keep_prob, shape, *, impl='hash',
 def keep_multipliers(rng, rate, shape, *, impl='hash', perm=None):
   """float32 `1 / (1 - rate)` where `keep_mask` keeps, 0 where it drops."""
   check_rate('dropout rate', rate)
+  if rng is None:
+    raise ValueError('dropout_rng is required when dropout is on.')
   keep_prob = 1.0 - rate
   mask = keep_mask(rng, keep_prob, shape, impl=impl, perm=perm)
   return jnp.where(mask, np.float32(1.0 / keep_prob), np.float32(0.0))

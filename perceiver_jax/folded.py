@@ -103,8 +103,6 @@ def folded_attention(inputs_q, inputs_kv, *, query, key, value, output,
              w_qk.reshape(d_q, num_heads * d_kv).astype(dtype))
   a = a.reshape(batch, q_length, num_heads, d_kv) + c_q.astype(dtype)
   dropout = not deterministic and dropout_rate > 0.0
-  if dropout and dropout_rng is None:
-    raise ValueError('dropout_rng is required when attention dropout is on.')
   kv_length = y.shape[1]
   # Queries of every head in one axis: [batch, q_length * heads, d_kv].
   a_flat = a.reshape(batch, q_length * num_heads, d_kv)

@@ -93,6 +93,8 @@ def test_keep_multipliers_are_the_mask_scaled(impl):
   np.testing.assert_array_equal(keep, np.where(mask, np.float32(1 / 0.8), 0))
   with pytest.raises(ValueError, match='dropout rate'):
     dropout.keep_multipliers(jax.random.key(3), 1.0, (2,))
+  with pytest.raises(ValueError, match='dropout_rng is required'):
+    dropout.keep_multipliers(None, 0.1, (2,))
 
 
 def test_module_is_identity_when_deterministic_and_draws_when_training():
