@@ -1,39 +1,70 @@
 """Trains and evaluates a Perceiver image classifier.
 
-  python main.py --config=configs/cifar100.py --workdir=/tmp/perceiver_cifar100
+  python main.py --config=configs/cifar100.py
 
-Any config field can be overridden, e.g. `--config.num_epochs=2`. Rerunning
-with the same --workdir resumes from its latest checkpoint. For several
-hosts, run the same command on each with `--distributed` (TPU slices) or
-with `--coordinator_address`, `--num_processes` and `--process_id`.
+writes to `runs/cifar100` under the current directory (`--workdir=DIR` to
+choose). Any config field can be overridden, e.g. `--config.num_epochs=2`.
+Rerunning with the same workdir resumes from its latest checkpoint. For
+several hosts, run the same command on each with `--distributed` (TPU
+slices) or with `--coordinator_address`, `--num_processes` and
+`--process_id`.
 
 Tools on a trained workdir (its saved config; --config is not needed):
   python main.py --mode=eval --workdir=DIR
   python main.py --mode=predict --workdir=DIR --images=a.png,b.jpg
   python main.py --mode=attention --workdir=DIR --num_images=8 --output=a.png
+
+Python 3.11 or later. `--help` and flag errors come back at once: jax and
+tensorflow are imported only once the flags are valid.
 """
 
 import logging as std_logging
+import os
 import sys
 
+MIN_PYTHON = (3, 11)
+
+
+def check_python(version=sys.version_info):
+  """Stops with one line on a Python older than the pinned packages need."""
+  if tuple(version[:2]) < MIN_PYTHON:
+    sys.exit(f'Error: perceiver_jax needs Python {MIN_PYTHON[0]}.'
+             f'{MIN_PYTHON[1]} or later (the versions in requirements.txt '
+             f'do); this is Python {version[0]}.{version[1]}. Create the '
+             'virtual environment with python3.11 or newer.')
+
+
+check_python()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from perceiver_jax import config_lib
+from perceiver_jax import errors
 from perceiver_jax import host_memory
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           'configs')
+RUNS_DIR = 'runs'  # Default workdirs: runs/<config name>, under the cwd.
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file, e.g. configs/cifar100.py. '
     'Required to train; the other modes use the workdir\'s saved config and '
     'take only --config.FIELD overrides of '
-    'batch_size, tfds_data_dir, dtype and attention_impl.',
+    + ', '.join(config_lib.TOOL_OVERRIDABLE_FIELDS) + '.',
     lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints and logs (local, NFS or '
+    f'gs://). Default: {RUNS_DIR}/<config name> under the current directory.')
 flags.DEFINE_enum(
     'mode', 'train', ['train', 'eval', 'predict', 'attention'],
-    'train: train and test. eval: test the best checkpoint of --workdir. '
+    'train: train and test. eval: test the weights training tested (the '
+    'early-stopping best with restore_best_weights, else the last). '
     'predict: top-5 classes of --images. attention: cross-attention maps of '
     '--num_images test images, written to --output.')
 flags.DEFINE_list('images', [], '--mode=predict: image files (PNG, JPEG, '
@@ -57,7 +88,6 @@ flags.DEFINE_enum(
     "retain: set glibc's malloc to keep freed memory, so the CPU train step "
     'does not fault in its gigabytes of buffers every step. auto: retain '
     'unless a GPU/TPU plugin is installed. system: the allocator defaults.')
-flags.mark_flags_as_required(['workdir'])
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -68,7 +98,7 @@ class _QuietLibraries(std_logging.Filter):
             or '/orbax/' not in record.pathname)
 
 
-def _run_tool(argv):
+def _run_tool(workdir, argv):
   """--mode=eval, predict or attention, on the workdir's saved config."""
   # pylint: disable=g-import-not-at-top
   from perceiver_jax import attention_maps
@@ -78,29 +108,64 @@ def _run_tool(argv):
   overrides = {} if FLAGS.config is None else dict(
       config_flags.get_override_values(FLAGS['config']))
   if FLAGS.mode == 'eval':
-    inference.evaluate(FLAGS.workdir, overrides=overrides)
+    inference.evaluate(workdir, overrides=overrides)
   elif FLAGS.mode == 'predict':
-    predict.run(FLAGS.workdir, list(FLAGS.images) + list(argv[1:]),
+    predict.run(workdir, list(FLAGS.images) + list(argv[1:]),
                 overrides=overrides)
   else:
-    attention_maps.run(FLAGS.workdir, num_images=FLAGS.num_images,
+    attention_maps.run(workdir, num_images=FLAGS.num_images,
                        output=FLAGS.output, num_latents=FLAGS.num_latents,
                        iteration=FLAGS.attention_iteration,
                        overrides=overrides)
 
 
+def _config_file():
+  """The --config file's path (any `:argument` suffix removed), or None."""
+  if FLAGS.config is None:
+    return None
+  return config_flags.get_config_filename(FLAGS['config']).split(':', 1)[0]
+
+
+def _check_config_file():
+  """One line, not ml_collections' traceback, for a mistyped --config."""
+  path = _config_file()
+  if path is None or os.path.isfile(path):
+    return
+  root = os.path.dirname(CONFIGS_DIR)
+  known = sorted(os.path.relpath(os.path.join(CONFIGS_DIR, name), root)
+                 for name in os.listdir(CONFIGS_DIR)
+                 if name.endswith('.py') and not name.startswith('_'))
+  sys.exit(f'Error: --config={path}: no such file. The configs are: '
+           f'{", ".join(known)}.')
+
+
+def _workdir():
+  """--workdir, or runs/<config name> under the current directory."""
+  if FLAGS.workdir:
+    return FLAGS.workdir
+  path = _config_file()
+  if path is None:
+    sys.exit(f'Error: --mode={FLAGS.mode} needs --workdir=DIR, the workdir '
+             'of a training run (or the --config it was trained with).')
+  workdir = os.path.join(RUNS_DIR, os.path.splitext(os.path.basename(path))[0])
+  logging.info('No --workdir given: writing to %s.', os.path.abspath(workdir))
+  return workdir
+
+
 def main(argv):
   if len(argv) > 1 and FLAGS.mode != 'predict':
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _check_config_file()
   if FLAGS.mode == 'train' and FLAGS.config is None:
     raise app.UsageError('--config is required to train, e.g. '
                          '--config=configs/cifar100.py.')
+  workdir = _workdir()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Before the JAX backend starts its threads.
   if host_memory.configure(FLAGS.host_memory):
     logging.info('Host memory: freed memory is kept for reuse '
                  '(--host_memory=system to turn off).')
-  # Imported here so `--help` and flag errors do not wait for jax/tensorflow.
+  # Imported only now, so `--help` and flag errors need no jax/tensorflow.
   # pylint: disable=g-import-not-at-top
   from perceiver_jax import metrics
   from perceiver_jax import preemption
@@ -113,15 +178,15 @@ def main(argv):
     sharding.initialize_distributed(*explicit)
   try:
     if FLAGS.mode == 'train':
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      train.train_and_evaluate(FLAGS.config, workdir)
     else:
-      _run_tool(argv)
+      _run_tool(workdir, argv)
   except preemption.Preempted as e:
     logging.warning('%s', e)
     sys.exit(preemption.EXIT_CODE)
-  except (ValueError, metrics.NonFiniteError) as e:
+  except (errors.InputError, metrics.NonFiniteError) as e:
     # Bad input or a diverged run: one clear paragraph, no traceback
-    # (`--verbosity=1` logs it).
+    # (`--verbosity=1` logs it). Anything else is a bug: its traceback shows.
     logging.debug('Details:', exc_info=True)
     sys.exit(f'Error: {e}')
 

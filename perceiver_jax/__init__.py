@@ -1,9 +1,22 @@
 """Perceiver (Jaegle et al. 2021) image classification in JAX/Flax.
 
-`create_model` builds the linen module; `perceiver_jax.train.train_and_evaluate`
-runs a whole experiment. Importing this package does not import tensorflow.
+`create_model(config, num_classes)` builds the linen module and
+`train_and_evaluate(config, workdir)` runs a whole experiment. Both are
+imported on first use, so `import perceiver_jax` (and `main.py --help`) loads
+neither jax nor tensorflow.
 """
 
-from perceiver_jax.model import create_model
+import importlib
 
-__all__ = ['create_model']
+_LAZY = {
+    'create_model': 'perceiver_jax.model',
+    'train_and_evaluate': 'perceiver_jax.train',
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

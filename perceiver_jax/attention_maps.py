@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from perceiver_jax import errors
 from perceiver_jax import inference
 from perceiver_jax import input_pipeline
 from perceiver_jax import model as model_lib
@@ -43,7 +44,7 @@ def parse_iteration(spec, num_iterations):
     return spec
   if spec.isdigit() and 1 <= int(spec) <= num_iterations:
     return int(spec)
-  raise ValueError(f'--attention_iteration={spec!r} must be last, mean or an '
+  raise errors.InputError(f'--attention_iteration={spec!r} must be last, mean or an '
                    f'iteration number from 1 to {num_iterations}.')
 
 
@@ -153,7 +154,7 @@ def first_test_examples(config, num_images):
   """The first `num_images` test examples, in the pipeline's order."""
   pipeline = input_pipeline.Pipeline(config, num_shards=1, shard_indices=[0])
   if not 0 < num_images <= pipeline.num_test_examples:
-    raise ValueError(f'--num_images={num_images} must be between 1 and the '
+    raise errors.InputError(f'--num_images={num_images} must be between 1 and the '
                      f'{pipeline.num_test_examples} test examples.')
   images, labels = [], []
   for batch in pipeline.eval_batches('test'):
@@ -181,9 +182,9 @@ def run(workdir, *, num_images, output=None, num_latents=4,
         iteration='last', tile=TILE, overrides=None):
   """`--mode=attention`: renders the maps of the first test images to a PNG."""
   if num_images <= 0:
-    raise ValueError(f'--num_images={num_images} must be positive.')
+    raise errors.InputError(f'--num_images={num_images} must be positive.')
   if tile < 8:
-    raise ValueError(f'tile={tile} pixels is too small to show a map.')
+    raise errors.InputError(f'tile={tile} pixels is too small to show a map.')
   inference.check_workdir(workdir)
   config = inference.load_config(workdir, overrides)
   iteration = parse_iteration(iteration, config.num_iterations)
@@ -197,7 +198,7 @@ def run(workdir, *, num_images, output=None, num_latents=4,
   try:
     image.save(output, format='PNG')
   except OSError as e:
-    raise ValueError(f'Cannot write --output={output}: '
+    raise errors.InputError(f'Cannot write --output={output}: '
                      f'{e.strerror or e}.') from None
   which = {'last': f'the last iteration ({config.num_iterations})',
            'mean': f'the mean of all {config.num_iterations} iterations'}.get(

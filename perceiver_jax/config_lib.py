@@ -6,9 +6,18 @@ so a typo on the command line costs seconds rather than a compile.
 
 import numbers
 
+from perceiver_jax import errors
 
-class ConfigError(ValueError):
+
+class ConfigError(errors.InputError):
   """A configuration value that cannot work."""
+
+
+# Config fields the tools (`main.py --mode=eval|predict|attention`) may
+# override with `--config.FIELD=`: they change batching, where the data lives
+# or the compute precision, not which model or data the weights belong to.
+TOOL_OVERRIDABLE_FIELDS = ('batch_size', 'tfds_data_dir', 'dtype',
+                           'attention_impl', 'attention_form')
 
 
 def _is_int(v):
@@ -178,8 +187,28 @@ def _flatten(d, prefix=''):
   return flat
 
 
+def added_field_defaults():
+  """`{field: default}` of the fields read with a default.
+
+  Those fields were added after configs were first saved; a config without
+  one ran with its default, which keeps the seed's behaviour.
+  """
+  # pylint: disable=g-import-not-at-top
+  from perceiver_jax import compute
+  from perceiver_jax import model
+  from perceiver_jax import recipe
+  # pylint: enable=g-import-not-at-top
+  return {**model.OPTION_DEFAULTS, **compute.CONFIG_DEFAULTS,
+          **recipe.OPTION_DEFAULTS}
+
+
 def resume_conflicts(saved, config):
   """Fields where `config` differs from the `saved` config dict of a workdir.
+
+  A field one side lacks counts as its default (`added_field_defaults`), so
+  a workdir saved before a field existed resumes only while the field keeps
+  its default, unless the field may change anyway. A missing field with no
+  default is a difference.
 
   Returns `(conflicts, allowed)`: lists of 'field: saved -> new' strings, the
   first for fields that forbid resuming, the second for those that may change.
@@ -187,16 +216,25 @@ def resume_conflicts(saved, config):
   import json  # pylint: disable=g-import-not-at-top
   saved = _flatten(json.loads(json.dumps(saved)))
   new = _flatten(json.loads(json.dumps(config.to_dict())))
+  defaults = json.loads(json.dumps(added_field_defaults()))
+  unset = object()
+
+  def value(flat, name):
+    return flat[name] if name in flat else defaults.get(name, unset)
+
+  def shown(flat, name):
+    if name in flat:
+      return repr(flat[name])
+    if name in defaults:
+      return f'<unset: default {defaults[name]!r}>'
+    return '<unset>'
+
   conflicts, allowed = [], []
   for name in sorted(set(saved) | set(new)):
-    old_value, new_value = saved.get(name, '<unset>'), new.get(name, '<unset>')
-    if old_value == new_value:
+    if value(saved, name) == value(new, name) is not unset:
       continue
-    line = f'{name}: {old_value!r} -> {new_value!r}'
-    top = name.split('.')[0]
-    # A field the saved config lacks was added by a newer version of this
-    # code, whose defaults keep the old behaviour.
-    resumable = top in RESUMABLE_FIELDS or name not in saved
+    line = f'{name}: {shown(saved, name)} -> {shown(new, name)}'
+    resumable = name.split('.')[0] in RESUMABLE_FIELDS
     (allowed if resumable else conflicts).append(line)
   return conflicts, allowed
 

@@ -37,6 +37,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from perceiver_jax import errors
+
 SPLITS = ('train', 'validation', 'test')
 EVAL_SPLITS = ('validation', 'test')
 _READ_BATCH = 1024  # Examples per tf.data batch while decoding into memory.
@@ -52,6 +54,7 @@ class DatasetInfo:
   channels: int
   num_classes: int
   class_names: tuple[str, ...]
+  version: str = ''  # The tfds version of the prepared data.
 
 
 def _builder(config):
@@ -61,7 +64,7 @@ def _builder(config):
     try:
       tf.io.gfile.listdir(data_dir)  # Fails unless an existing, readable dir.
     except (tf.errors.OpError, OSError) as e:
-      raise ValueError(
+      raise errors.InputError(
           f'config.tfds_data_dir={data_dir!r} is not a readable directory '
           f'({e}); create it (mkdir -p) or pass an existing tfds data dir.'
       ) from None
@@ -70,7 +73,7 @@ def _builder(config):
   except tfds.core.registered.DatasetNotFoundError:
     close = difflib.get_close_matches(config.dataset, tfds.list_builders())
     hint = f' Did you mean {" or ".join(map(repr, close))}?' if close else ''
-    raise ValueError(
+    raise errors.InputError(
         f'config.dataset={config.dataset!r} is not a tfds dataset.{hint} Pass '
         'a name from tfds.list_builders(), e.g. --config.dataset=cifar100.'
     ) from None
@@ -83,7 +86,7 @@ def _dataset_info(builder, config):
   label = features['label'] if 'label' in features.keys() else None
   if (not isinstance(image, tfds.features.Image) or image.np_dtype != np.uint8
       or not isinstance(label, tfds.features.ClassLabel)):
-    raise ValueError(
+    raise errors.InputError(
         f'config.dataset={config.dataset!r} must have an `image` feature '
         '(tfds.features.Image, uint8) and a `label` feature '
         f'(tfds.features.ClassLabel); it has {sorted(features.keys())}. Pick '
@@ -93,7 +96,8 @@ def _dataset_info(builder, config):
     height = width = config.image_size
   return DatasetInfo(
       name=builder.name, height=height, width=width, channels=channels,
-      num_classes=label.num_classes, class_names=tuple(label.names))
+      num_classes=label.num_classes, class_names=tuple(label.names),
+      version=str(builder.info.version))
 
 
 def get_dataset_info(config) -> DatasetInfo:
@@ -130,12 +134,12 @@ def _shard_bounds(builder, config, num_shards):
     return {s: ('test' if s == 'test' else 'train', [(0, n)] * num_shards)
             for s in SPLITS}
   if not 0 < config.validation_split < 1:
-    raise ValueError(f'config.validation_split={config.validation_split} must '
+    raise errors.InputError(f'config.validation_split={config.validation_split} must '
                      'be in (0, 1), e.g. 0.1.')
   splits = builder.info.splits
   missing = {'train', 'test'} - set(splits.keys())
   if missing:
-    raise ValueError(
+    raise errors.InputError(
         f'Dataset {builder.name!r} at {builder.data_dir} has splits '
         f'{sorted(splits.keys())}; the pipeline needs train and test (missing '
         f'{sorted(missing)}). Run prepare(config) first, or pick another '
@@ -147,7 +151,7 @@ def _shard_bounds(builder, config, num_shards):
   bounds = {}
   for split, (tfds_split, start, stop) in ranges.items():
     if stop <= start:
-      raise ValueError(
+      raise errors.InputError(
           f'config.validation_split={config.validation_split} leaves the '
           f'{split} split of {builder.name!r} ({n} train examples) empty.')
     cuts = [start + (stop - start) * i // num_shards
@@ -203,10 +207,10 @@ class Pipeline:
       raise ValueError(f'shard_indices={shard_indices} must be distinct '
                        f'indices in [0, {num_shards}).')
     if config.batch_size % num_shards:
-      raise ValueError(f'config.batch_size={config.batch_size} is not a '
+      raise errors.InputError(f'config.batch_size={config.batch_size} is not a '
                        f'multiple of the number of shards ({num_shards}).')
     if config.seed < 0:
-      raise ValueError(f'config.seed={config.seed} must be >= 0 (it seeds '
+      raise errors.InputError(f'config.seed={config.seed} must be >= 0 (it seeds '
                        'numpy.random.default_rng).')
     self.num_shards = num_shards
     self.shard_indices = shard_indices
@@ -242,7 +246,7 @@ class Pipeline:
     self.steps_per_epoch = int(min(self._sizes['train']) //
                                self.per_shard_batch)
     if self.steps_per_epoch == 0:
-      raise ValueError(
+      raise errors.InputError(
           f'config.batch_size={config.batch_size} is too large: each of the '
           f'{num_shards} shards needs {self.per_shard_batch} train examples '
           f'per step but the smallest has {min(self._sizes["train"])}. Use a '

@@ -13,6 +13,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from perceiver_jax import errors
+
 DATA_AXIS = 'data'
 
 
@@ -37,7 +39,7 @@ def check_batch_size(batch_size, mesh, field='batch_size'):
   """Fails with a clear message unless the batch splits evenly over devices."""
   n = mesh.devices.size
   if batch_size <= 0 or batch_size % n:
-    raise ValueError(
+    raise errors.InputError(
         f'config.{field}={batch_size} must be a positive multiple of the '
         f'number of devices ({n}) so every device gets the same share; use '
         f'--config.{field}={max(n, (max(batch_size, 1) // n) * n)} or another '
