@@ -8,14 +8,21 @@ two items are all a resumed run needs to continue exactly.
 
 Orbax writes each step into a temporary directory and renames it when
 complete, so a crash mid-write never leaves a checkpoint that looks valid.
+A finished checkpoint whose files were damaged later is set aside once an
+older one restores (`restore_latest`), so it never blocks the run.
 """
 
 import json
 import logging
 
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from perceiver_jax import errors
 
 BEST_MARKER = 'best_step'
 
@@ -64,27 +71,71 @@ def restore(manager, step, abstract_state):
   return restored['state'], restored['meta']
 
 
-class NoUsableCheckpointError(ValueError):
+class NoUsableCheckpointError(errors.InputError):
   """Checkpoints exist but none restores: refuse to silently start over."""
+
+
+UNREADABLE_SUFFIX = '.unreadable'  # Not a step name: orbax ignores it.
+
+
+def _all_agree(ok):
+  """True on every process iff `ok` is True on every process."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+
+
+def set_aside(manager, step):
+  """Renames checkpoint `step` to `<step>.unreadable[-k]`; returns the path.
+
+  The files stay for inspection, but orbax no longer counts the step, so a
+  resumed run can save that step again instead of stopping at "checkpoint
+  already exists". Process 0 renames; every process then reloads.
+  """
+  directory = epath.Path(manager.directory)
+  target = directory / f'{step}{UNREADABLE_SUFFIX}'
+  k = 0
+  while target.exists():
+    k += 1
+    target = directory / f'{step}{UNREADABLE_SUFFIX}-{k}'
+  if jax.process_index() == 0:
+    (directory / str(step)).rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'perceiver_jax.set_aside.{step}')
+  manager.reload()
+  return target
 
 
 def restore_latest(manager, abstract_state):
   """The newest checkpoint that restores, or None when there is none.
 
-  A checkpoint that fails to restore (truncated or corrupted files) is
-  reported by name and the next older one is tried, so a damaged latest
-  checkpoint costs only the work since the one before it. If none restores
-  the run stops rather than overwrite them with a fresh start.
+  A checkpoint that fails to restore on any process (truncated or corrupted
+  files) is reported by name and the next older one is tried. Once an older
+  one restores, the newer unreadable ones are set aside (`set_aside`), so a
+  damaged checkpoint costs only the work since the one before it and the
+  run trains past its step. If none restores, nothing is moved (the cause
+  may be the code, not the files) and the run stops rather than start over.
   """
   manager.reload()
   steps = sorted(manager.all_steps(), reverse=True)
+  unreadable = []
   for step in steps:
     try:
-      return restore(manager, step, abstract_state)
+      restored, error = restore(manager, step, abstract_state), None
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('Checkpoint %s/%d is unreadable (%s: %s); trying the '
-                      'previous one.', manager.directory, step,
-                      type(e).__name__, str(e)[:500])
+      restored, error = None, e
+    if not _all_agree(error is None):
+      reason = (f'{type(error).__name__}: {str(error)[:500]}' if error
+                else 'unreadable on another process')
+      logging.warning('Checkpoint %s/%d is unreadable (%s); trying the '
+                      'previous one.', manager.directory, step, reason)
+      unreadable.append(step)
+      continue
+    for bad in unreadable:
+      logging.warning('Moved the unreadable checkpoint %s/%d to %s; '
+                      'resuming from step %d.', manager.directory, bad,
+                      set_aside(manager, bad), step)
+    return restored
   if steps:
     raise NoUsableCheckpointError(
         f'None of the checkpoints {steps} in {manager.directory} could be '

@@ -5,7 +5,8 @@ training left in the workdir rather than from the command line, so they see
 exactly the model, data and normalisation the weights were trained with:
 `config.json`, `normalization.json` and the checkpoint early stopping judged
 best (the weights the end of training tested). Only fields that change how,
-not what, is computed may be overridden (`OVERRIDABLE_FIELDS`).
+not what, is computed may be overridden
+(`config_lib.TOOL_OVERRIDABLE_FIELDS`).
 
 `evaluate` is `--mode=eval`: the best weights on the whole test split, each
 example once, reusing the training code's padded and masked evaluation.
@@ -26,26 +27,19 @@ import orbax.checkpoint as ocp
 from perceiver_jax import augment
 from perceiver_jax import checkpointing
 from perceiver_jax import config_lib
+from perceiver_jax import errors
 from perceiver_jax import input_pipeline
 from perceiver_jax import metrics as metrics_lib
 from perceiver_jax import model as model_lib
 from perceiver_jax import recipe
 from perceiver_jax import sharding as sharding_lib
 from perceiver_jax import steps
+from perceiver_jax import workdir as workdir_lib
 
-CONFIG_FILE = 'config.json'
-NORMALIZATION_FILE = 'normalization.json'
-CLASS_NAMES_FILE = 'class_names.json'
-CHECKPOINT_DIR = 'checkpoints'
-# Config fields the tools' command line may override (`--config.FIELD=`):
-# they change batching, where the data lives or the compute precision, not
-# which model or data the weights belong to.
-OVERRIDABLE_FIELDS = ('batch_size', 'tfds_data_dir', 'dtype', 'attention_impl',
-                      'attention_form')
 
 
 def _no_run_error(workdir, missing):
-  return ValueError(
+  return errors.InputError(
       f'--workdir={workdir} has no {missing}, so it does not hold a trained '
       'model (training writes config.json and normalization.json at its '
       'start and a checkpoint after every epoch). Pass the --workdir of a '
@@ -56,10 +50,10 @@ def _no_run_error(workdir, missing):
 def check_workdir(workdir):
   """Fails fast, before anything heavy, unless `workdir` holds a trained run."""
   path = epath.Path(workdir)
-  for name in (CONFIG_FILE, NORMALIZATION_FILE):
+  for name in (workdir_lib.CONFIG, workdir_lib.NORMALIZATION):
     if not (path / name).exists():
       raise _no_run_error(workdir, name)
-  checkpoints = path / CHECKPOINT_DIR
+  checkpoints = path / workdir_lib.CHECKPOINTS
   if not (checkpoints.exists() and any(
       p.name.isdigit() for p in checkpoints.iterdir())):
     raise _no_run_error(workdir, 'checkpoint')
@@ -67,7 +61,9 @@ def check_workdir(workdir):
 
 
 def load_config(workdir, overrides=None):
-  """The saved config of the run, with `overrides` of OVERRIDABLE_FIELDS only.
+  """The saved config of the run, overridden only in the tools' fields.
+
+  Only `config_lib.TOOL_OVERRIDABLE_FIELDS` may be overridden.
 
   Args:
     workdir: a training run's workdir.
@@ -76,17 +72,17 @@ def load_config(workdir, overrides=None):
   Returns:
     A validated ConfigDict.
   """
-  path = epath.Path(workdir) / CONFIG_FILE
+  path = epath.Path(workdir) / workdir_lib.CONFIG
   if not path.exists():
-    raise _no_run_error(workdir, CONFIG_FILE)
+    raise _no_run_error(workdir, workdir_lib.CONFIG)
   saved = json.loads(path.read_text())
   overrides = dict(overrides or {})
-  refused = sorted(set(overrides) - set(OVERRIDABLE_FIELDS))
+  refused = sorted(set(overrides) - set(config_lib.TOOL_OVERRIDABLE_FIELDS))
   if refused:
-    raise ValueError(
+    raise errors.InputError(
         f'--config.{refused[0]} cannot be overridden here: the tools use the '
         f'config the weights were trained with ({path}). Only '
-        f'{", ".join(OVERRIDABLE_FIELDS)} may change; drop '
+        f'{", ".join(config_lib.TOOL_OVERRIDABLE_FIELDS)} may change; drop '
         + ', '.join(f'--config.{f}' for f in refused) + '.')
   for name, value in overrides.items():
     if saved.get(name) != value:
@@ -98,11 +94,10 @@ def load_config(workdir, overrides=None):
 
 def load_stats(workdir):
   """The training split's per-channel mean and variance, as training used."""
-  path = epath.Path(workdir) / NORMALIZATION_FILE
+  path = epath.Path(workdir) / workdir_lib.NORMALIZATION
   if not path.exists():
-    raise _no_run_error(workdir, NORMALIZATION_FILE)
-  return {k: np.asarray(v, np.float32)
-          for k, v in json.loads(path.read_text()).items()}
+    raise _no_run_error(workdir, workdir_lib.NORMALIZATION)
+  return workdir_lib.stats_arrays(json.loads(path.read_text()))
 
 
 def class_names(workdir, info):
@@ -112,7 +107,7 @@ def class_names(workdir, info):
   workdir copied to a machine without the prepared dataset keeps its names
   (before preparation tfds may only know '0', '1', ...).
   """
-  path = epath.Path(workdir) / CLASS_NAMES_FILE
+  path = epath.Path(workdir) / workdir_lib.CLASS_NAMES
   if path.exists():
     names = tuple(json.loads(path.read_text()))
     if len(names) == info.num_classes:
@@ -126,27 +121,35 @@ def class_names(workdir, info):
   return info.class_names
 
 
-def select_checkpoint(manager):
-  """`(step, description)` of the early-stopping best checkpoint.
-
-  The latest checkpoint's meta records the best step, as training's final
-  test reads it (orbax's `best_step` metrics are only kept in memory). With
-  no best recorded, or its checkpoint gone, the latest is used, with a
-  warning.
-  """
-  manager.reload()
-  all_steps = sorted(manager.all_steps(), reverse=True)
-  meta = None
-  for step in all_steps:
+def _newest_meta(manager, steps):
+  """The meta of the newest checkpoint whose meta reads, and its step."""
+  for step in steps:
     try:
-      meta = manager.restore(step, args=ocp.args.Composite(
+      return step, manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))['meta']
-      break
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('Checkpoint %s/%d is unreadable (%s); trying the '
                       'previous one.', manager.directory, step, e)
-  if meta is None:
-    raise ValueError(f'No checkpoint in {manager.directory} can be read.')
+  raise errors.InputError(
+      f'No checkpoint in {manager.directory} can be read; the run must be '
+      'trained again (or its checkpoints restored from a backup).')
+
+
+def select_checkpoint(manager, restore_best=True):
+  """`(step, description)` of the weights training tested.
+
+  With `restore_best` (the run's `early_stopping.restore_best_weights`) that
+  is the early-stopping best, which the newest checkpoint's meta records, as
+  training's final test reads it (orbax keeps its own best marker in memory
+  only). With no best recorded, or its checkpoint gone, the latest is used,
+  with a warning. Without `restore_best` training tested its final weights:
+  the latest checkpoint.
+  """
+  manager.reload()
+  all_steps = sorted(manager.all_steps(), reverse=True)
+  step, meta = _newest_meta(manager, all_steps)
+  if not restore_best:
+    return step, 'latest'
   best = meta.get(checkpointing.BEST_MARKER)
   if best is not None and best in all_steps:
     return best, 'best'
@@ -155,6 +158,39 @@ def select_checkpoint(manager):
   logging.warning('%s in %s; using the latest checkpoint, step %d.',
                   reason[0].upper() + reason[1:], manager.directory, step)
   return step, 'latest'
+
+
+def _restore_for_tools(manager, abstract, restore_best):
+  """`(step, which, state, meta)`: `select_checkpoint`'s choice, restored.
+
+  A damaged choice is reported and skipped: the next readable checkpoint,
+  newest first, is used instead (with a warning, since those are not the
+  weights training tested).
+  """
+  first = select_checkpoint(manager, restore_best)
+  others = [(s, 'last readable') for s in sorted(manager.all_steps(),
+                                                 reverse=True)
+            if s != first[0]]
+  failures = []
+  for step, which in [first] + others:
+    try:
+      state, meta = checkpointing.restore(manager, step, abstract)
+    except Exception as e:  # pylint: disable=broad-except
+      first_line = (str(e).strip().splitlines() or [''])[0][:200]
+      failures.append(f'step {step}: {type(e).__name__}: {first_line}')
+      logging.warning('The %s checkpoint %s/%d is unreadable (%s); trying '
+                      'the newest other one.', which, manager.directory, step,
+                      failures[-1])
+      continue
+    if failures:
+      logging.warning('Using checkpoint %s/%d instead of the %s one: these '
+                      'are not the weights training tested.',
+                      manager.directory, step, first[1])
+    return step, which, state, meta
+  raise errors.InputError(
+      f'No checkpoint in {manager.directory} could be restored ('
+      + '; '.join(failures) + '). Was the run written by a different version '
+      'of the model or train-state code?')
 
 
 def inference_params(state):
@@ -178,7 +214,7 @@ class TrainedModel:
   state_shardings: Any
   mesh: Any
   step: int
-  checkpoint: str  # 'best' or 'latest'.
+  checkpoint: str  # 'best', 'latest' or 'last readable'.
   epoch: Optional[int]
 
   @property
@@ -221,7 +257,7 @@ def _abstract_state(config, model, image_shape, mesh):
 
 
 def load(workdir, *, overrides=None, mesh=None):
-  """Restores a workdir's best weights (see `select_checkpoint`).
+  """Restores the weights a workdir's training tested (`select_checkpoint`).
 
   Args:
     workdir: a training run's workdir.
@@ -240,18 +276,11 @@ def load(workdir, *, overrides=None, mesh=None):
   image_shape = (config.image_size, config.image_size, info.channels)
   abstract, shardings = _abstract_state(config, model, image_shape, mesh)
   manager = checkpointing.create_manager(
-      (path / CHECKPOINT_DIR).resolve(),
+      (path / workdir_lib.CHECKPOINTS).resolve(),
       max_to_keep=config.checkpoint_max_to_keep)
   try:
-    step, which = select_checkpoint(manager)
-    try:
-      state, meta = checkpointing.restore(manager, step, abstract)
-    except Exception as e:  # pylint: disable=broad-except
-      first_line = (str(e).strip().splitlines() or [''])[0]
-      raise ValueError(
-          f'Checkpoint {manager.directory}/{step} could not be restored '
-          f'({type(e).__name__}: {first_line}). Was it written by a different '
-          'version of the model or train-state code?') from e
+    step, which, state, meta = _restore_for_tools(
+        manager, abstract, config.early_stopping.restore_best_weights)
   finally:
     manager.close()
   return TrainedModel(

@@ -1,4 +1,4 @@
-"""`--mode=predict`: classify image files with a trained workdir's best weights.
+"""`--mode=predict`: classify image files with the weights training tested.
 
 Each file (any format Pillow decodes: PNG, JPEG, ...; any size, mode and
 channel count) is brought to what the dataset's own images look like: EXIF
@@ -12,12 +12,14 @@ statistics, then the model without dropout.
 
 import dataclasses
 from typing import Sequence
+import warnings
 
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
 from PIL import UnidentifiedImageError
 
+from perceiver_jax import errors
 from perceiver_jax import inference
 from perceiver_jax import input_pipeline
 
@@ -25,23 +27,42 @@ TOP_K = 5
 _BATCH = 64  # Images per forward pass.
 
 
+# Pillow's decompression-bomb limit: a file may declare at most this many
+# pixels (89,478,485, about 9459 x 9459), however small the file itself is.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
 def load_image(path, height, width, channels):
   """Decodes `path` into uint8 `[height, width, channels]` (see module doc).
 
   Raises:
-    ValueError: one sentence naming the file and why it cannot be used.
+    errors.InputError: one sentence naming the file and why it cannot be
+      used (missing, not an image, truncated, or declaring more than
+      `MAX_IMAGE_PIXELS` pixels).
   """
   try:
-    with Image.open(path) as image:
-      image.load()
-      image = ImageOps.exif_transpose(image)
+    with warnings.catch_warnings():
+      # Above the limit Pillow only warns (an error from twice the limit).
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      with Image.open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
   except UnidentifiedImageError:
-    raise ValueError(
+    raise errors.InputError(
         f'{path} is not an image Pillow can decode; pass PNG or JPEG files.'
     ) from None
-  except (OSError, SyntaxError) as e:  # Missing, unreadable or truncated.
-    reason = getattr(e, 'strerror', None) or str(e)
-    raise ValueError(f'Cannot read image {path}: {reason}.') from None
+  except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+    raise errors.InputError(
+        f'{path} declares more than {MAX_IMAGE_PIXELS:,} pixels, the limit '
+        'on decoded image size; pass a smaller image.') from None
+  except OSError as e:  # Missing, unreadable or truncated.
+    reason = e.strerror or str(e)
+    raise errors.InputError(f'Cannot read image {path}: {reason}.') from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Pillow's decoders also raise SyntaxError, ValueError, EOFError, ...
+    # on malformed files; only Pillow's calls are inside this `try`.
+    raise errors.InputError(
+        f'Cannot read image {path}: {type(e).__name__}: {e}.') from None
   if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
     background = Image.new('RGBA', image.size, (255, 255, 255, 255))
     image = Image.alpha_composite(background, image.convert('RGBA'))
@@ -50,7 +71,7 @@ def load_image(path, height, width, channels):
   elif channels == 3:
     image = image.convert('RGB')
   else:
-    raise ValueError(f'Images with {channels} channels are not supported; '
+    raise errors.InputError(f'Images with {channels} channels are not supported; '
                      'the dataset must have 1 (grayscale) or 3 (RGB).')
   if image.size != (width, height):
     image = image.resize((width, height), Image.Resampling.BILINEAR)
@@ -110,7 +131,7 @@ def format_prediction(prediction):
 def run(workdir, paths: Sequence[str], *, overrides=None, k=TOP_K):
   """`--mode=predict`: checks the workdir and files, then prints the top `k`."""
   if not paths:
-    raise ValueError('No images given; pass --images=a.png,b.jpg.')
+    raise errors.InputError('No images given; pass --images=a.png,b.jpg.')
   inference.check_workdir(workdir)
   config = inference.load_config(workdir, overrides)
   # Decode everything first: a bad file fails in seconds, not after loading.

@@ -60,6 +60,14 @@ def test_restore_latest_skips_a_damaged_checkpoint(tmp_path, caplog):
   assert meta['epoch'] == 2
   assert int(state['step']) == 2
   assert '30 is unreadable' in caplog.text
+  # Set aside under a name orbax ignores, and named in the warning, so the
+  # run can save step 30 again.
+  assert f'to {tmp_path / "ckpt" / "30.unreadable"}' in caplog.text
+  assert sorted(os.listdir(tmp_path / 'ckpt')) == ['10', '20', '30.unreadable']
+  assert sorted(manager.all_steps()) == [10, 20]
+  checkpointing.save(manager, 30, _state(3), {'epoch': 3}, is_best=False)
+  manager.wait_until_finished()
+  assert sorted(manager.all_steps()) == [10, 20, 30]
 
 
 def test_restore_latest_on_empty_dir_is_none(tmp_path):
@@ -108,3 +116,5 @@ def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
   with pytest.raises(checkpointing.NoUsableCheckpointError,
                      match=r'None of the checkpoints \[20, 10\]'):
     checkpointing.restore_latest(manager, checkpointing.abstract(other_model))
+  # The code, not the files, may be at fault: nothing is set aside.
+  assert sorted(os.listdir(tmp_path / 'ckpt')) == ['10', '20']

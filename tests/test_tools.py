@@ -8,9 +8,11 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import types
+import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,7 @@ import pytest
 from configs import fake_data
 from perceiver_jax import attention_maps
 from perceiver_jax import checkpointing
+from perceiver_jax import errors
 from perceiver_jax import inference
 from perceiver_jax import predict
 from perceiver_jax import train
@@ -84,8 +87,49 @@ def test_select_checkpoint_prefers_the_recorded_best(tmp_path, caplog):
   with caplog.at_level('WARNING'):
     assert inference.select_checkpoint(other) == (3, 'latest')
   assert 'latest checkpoint' in caplog.text
+  # restore_best_weights=False: training tested its final weights.
+  assert inference.select_checkpoint(manager, restore_best=False) == (
+      25, 'latest')
   manager.close()
   other.close()
+
+
+def _truncate_arrays(checkpoint):
+  for root, _, files in os.walk(checkpoint / 'state'):
+    if os.path.basename(root) == 'd':
+      for name in files:
+        with open(os.path.join(root, name), 'r+b') as f:
+          f.truncate(0)
+
+
+def test_tools_load_the_weights_training_tested_and_skip_damage(
+    workdir, trained, tmp_path, caplog):
+  source, _ = workdir
+  path = tmp_path / 'run'
+  shutil.copytree(source, path)
+  # A later, non-best checkpoint: as if one more epoch had not improved.
+  manager = checkpointing.create_manager(path / 'checkpoints', max_to_keep=5)
+  best = manager.latest_step()
+  assert best == trained.step
+  checkpointing.save(manager, best + 1, trained.state,
+                     {'best_step': best, 'epoch': 2}, is_best=False)
+  manager.wait_until_finished()
+  manager.close()
+  load = lambda: inference.load(path, mesh=inference.single_device_mesh())
+  assert (load().step, load().checkpoint) == (best, 'best')
+  config = json.loads((path / 'config.json').read_text())
+  config['early_stopping']['restore_best_weights'] = False
+  (path / 'config.json').write_text(json.dumps(config))
+  assert (load().step, load().checkpoint) == (best + 1, 'latest')
+  # A damaged choice is reported and the newest readable one used instead.
+  config['early_stopping']['restore_best_weights'] = True
+  (path / 'config.json').write_text(json.dumps(config))
+  _truncate_arrays(path / 'checkpoints' / str(best))
+  with caplog.at_level('WARNING'):
+    trained = load()
+  assert (trained.step, trained.checkpoint) == (best + 1, 'last readable')
+  assert f'The best checkpoint {path / "checkpoints"}/{best} is unreadable' in (
+      caplog.text)
 
 
 def test_tools_use_the_ema_weights_when_the_run_kept_them(trained):
@@ -193,6 +237,33 @@ def test_predict_errors_name_the_problem(workdir, tmp_path):
     predict.run(str(bare), [good])
   with pytest.raises(ValueError, match='cannot be overridden'):
     inference.load_config(path, {'latent_dim': 4})
+
+
+def _png_header(width, height):
+  """A PNG that declares `width` x `height` RGB pixels and holds none."""
+  def chunk(kind, data):
+    body = kind + data
+    return (struct.pack('>I', len(data)) + body +
+            struct.pack('>I', zlib.crc32(body)))
+  return (b'\x89PNG\r\n\x1a\n' +
+          chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
+          + chunk(b'IEND', b''))
+
+
+@pytest.mark.parametrize('side', [30000, 10000])
+def test_decompression_bombs_are_refused_by_name(tmp_path, side):
+  # 30000^2 is past Pillow's error threshold, 10000^2 only past its warning.
+  path = tmp_path / 'bomb.png'
+  path.write_bytes(_png_header(side, side))
+  assert side * side > predict.MAX_IMAGE_PIXELS
+  with pytest.raises(errors.InputError,
+                     match=f'{re.escape(str(path))} declares more than '
+                     '89,478,485 pixels'):
+    predict.load_image(str(path), 32, 32, 3)
+  # A small one without pixel data reaches the decoder, which fails.
+  path.write_bytes(_png_header(4, 4))
+  with pytest.raises(errors.InputError, match='Cannot read image .*bomb.png'):
+    predict.load_image(str(path), 32, 32, 3)
 
 
 def test_cli_errors_are_one_paragraph(workdir, tmp_path):
