@@ -257,10 +257,11 @@ def cross_attention_weights(intermediates):
               attention_lib.ATTENTION_WEIGHTS]]
 
 
-# Config fields of the paper options and their seed defaults; older configs
-# without them build the seed's model.
-PAPER_OPTION_DEFAULTS = dict(
-    position_encoding='learned', fourier_num_bands=64,
+# Config fields the model reads with a default, and the default: the seed's
+# model. Configs saved before a field existed build that model.
+OPTION_DEFAULTS = dict(
+    dtype='float32', attention_dropout_rate=0.1, attention_init='keras2',
+    remat=False, position_encoding='learned', fourier_num_bands=64,
     fourier_max_resolution=0, fourier_mode='concat', weight_sharing='all',
     num_cross_heads=0, decoder='mean', logits_dropout=True)
 
@@ -272,15 +273,15 @@ def create_model(config, num_classes):
     config: ConfigDict with image_size, patch_size, latent_dim, projection_dim,
       num_heads, ffn_units, num_transformer_blocks, num_iterations,
       classifier_units, dropout_rate, attention_dropout_rate and optionally
-      dtype (compute dtype name, default 'float32'), the fields of
-      `compute.CONFIG_DEFAULTS`, attention_init, remat and the paper options of
-      PAPER_OPTION_DEFAULTS (defaults: the seed's model).
+      the fields of `OPTION_DEFAULTS` and `compute.CONFIG_DEFAULTS`
+      (defaults: the seed's model).
     num_classes: width of the logits.
 
   Returns:
     An unbound `Perceiver`.
   """
-  dtype_name = config.get('dtype', 'float32')
+  option = lambda name: config.get(name, OPTION_DEFAULTS[name])
+  dtype_name = option('dtype')
   try:
     dtype = jnp.dtype(dtype_name)
   except TypeError as e:
@@ -297,11 +298,7 @@ def create_model(config, num_classes):
       classifier_units=tuple(config.classifier_units),
       num_classes=num_classes,
       dropout_rate=config.dropout_rate,
-      attention_dropout_rate=config.get('attention_dropout_rate', 0.1),
       dtype=dtype,
       compute=compute_lib.from_config(config),
-      attention_init=config.get('attention_init', 'keras2'),
-      remat=config.get('remat', False),
-      **{name: config.get(name, default)
-         for name, default in PAPER_OPTION_DEFAULTS.items()},
+      **{name: option(name) for name in OPTION_DEFAULTS if name != 'dtype'},
   )

@@ -8,10 +8,8 @@ Keras example prints them. Rerunning with the same workdir resumes from the
 latest checkpoint at the next batch.
 """
 
-import json
 import logging
 
-from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -19,46 +17,84 @@ import numpy as np
 from perceiver_jax import callbacks
 from perceiver_jax import checkpointing
 from perceiver_jax import config_lib
+from perceiver_jax import errors
 from perceiver_jax import input_pipeline
 from perceiver_jax import metrics as metrics_lib
 from perceiver_jax import model as model_lib
 from perceiver_jax import preemption
 from perceiver_jax import recipe
+from perceiver_jax import resume
 from perceiver_jax import sharding as sharding_lib
 from perceiver_jax import steps
+from perceiver_jax import workdir as workdir_lib
 
 
-def prepare_workdir(workdir):
-  """Creates the workdir and proves it writable before any heavy work."""
-  path = epath.Path(workdir)
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f'.write_test_{jax.process_index()}'
-    probe.write_text('ok')
-    probe.unlink()
-  except OSError as e:
-    raise ValueError(
-        f'--workdir={workdir} is not a writable directory ({e.strerror or e}); '
-        'pass a path you can write to, e.g. --workdir=/tmp/perceiver_run.'
-    ) from e
-  return path
+def data_source(config, pipeline):
+  """What the training statistics are computed on, as JSON-able values."""
+  info = pipeline.info
+  return {'dataset': info.name, 'version': info.version,
+          'mock_data': bool(config.mock_data),
+          'validation_split': config.validation_split,
+          'image_shape': [info.height, info.width, info.channels],
+          'num_examples': {s: getattr(pipeline, f'num_{s}_examples')
+                           for s in input_pipeline.SPLITS}}
 
 
-def normalization_stats(workdir, pipeline):
+def _differences(recorded, current, prefix=''):
+  """'key: recorded -> current' for every leaf where the two differ."""
+  lines = []
+  for key in sorted(set(recorded) | set(current)):
+    a, b = recorded.get(key, '<unset>'), current.get(key, '<unset>')
+    if isinstance(a, dict) and isinstance(b, dict):
+      lines += _differences(a, b, f'{prefix}{key}.')
+    elif a != b:
+      lines.append(f'{prefix}{key}: {a!r} -> {b!r}')
+  return lines
+
+
+_REUSE, _COMPUTE, _REFUSE = 0, 1, 2
+
+
+def normalization_stats(workdir, config, pipeline, has_checkpoints):
   """Per-channel mean and variance of the training split, computed once.
 
-  Saved in the workdir so a resumed run normalises exactly as before.
+  Saved in the workdir with what they were computed on (`data_source`), so
+  a resumed run normalises exactly as before. Statistics of other data (a
+  run that stopped before its first checkpoint, then a new one on another
+  dataset or split in the same workdir) are recomputed; with checkpoints
+  present they are refused, since the weights were trained on that data.
   """
-  path = workdir / 'normalization.json'
-  # Process 0 decides, so every process takes the same (collective) branch.
-  exists = bool(multihost_utils.broadcast_one_to_all(np.asarray(path.exists())))
-  if exists:
-    stats = json.loads(path.read_text())
+  path = workdir / workdir_lib.NORMALIZATION
+  source = data_source(config, pipeline)
+  saved = workdir_lib.read_json(workdir, workdir_lib.NORMALIZATION)
+  differences = []
+  if saved is None:
+    action = _COMPUTE
+  elif 'source' not in saved:  # Written before sources were recorded.
+    action = _REUSE if has_checkpoints else _COMPUTE
   else:
+    differences = _differences(saved['source'], source)
+    action = (_REUSE if not differences else
+              _REFUSE if has_checkpoints else _COMPUTE)
+  # Process 0 decides, so every process takes the same (collective) branch.
+  action = int(multihost_utils.broadcast_one_to_all(np.int32(action)))
+  if action == _REFUSE:
+    raise errors.InputError(
+        f'{path} holds the statistics of the data the checkpoints in '
+        f'{workdir} were trained on, and this run reads other data ('
+        + '; '.join(differences or ['see process 0']) + '). Pass the data '
+        'the run was trained on (e.g. its config.tfds_data_dir), or use a '
+        'new --workdir.')
+  if action == _REUSE:
+    stats = saved
+  else:
+    if differences:
+      logging.warning('%s was computed on other data (%s); recomputing it.',
+                      path, '; '.join(differences))
     stats = {k: np.asarray(v, np.float64).tolist()
              for k, v in pipeline.normalization_stats().items()}
-    metrics_lib.write_json(path, stats)
-  return {k: np.asarray(v, np.float32) for k, v in stats.items()}
+    metrics_lib.write_json(path, dict(stats, source=source))
+  return workdir_lib.stats_arrays(stats)
 
 
 def evaluate(eval_step, state, pipeline, split, mesh, epoch=None):
@@ -85,6 +121,8 @@ def initial_meta(config):
       'early_stopping': callbacks.to_dict(callbacks.EarlyStoppingState()),
       'best_step': None,
       'history': [],
+      # The configured rate, so a resume can tell when it changes.
+      'config_learning_rate': config.learning_rate,
   }
 
 
@@ -93,27 +131,6 @@ def _epoch_record(epoch, lr, train, val):
   record.update({f'train_{k}': v for k, v in train.items()})
   record.update({f'val_{k}': v for k, v in val.items()})
   return record
-
-
-def check_resume_compatible(workdir, config):
-  """Refuses a workdir whose checkpoints belong to a different model or data."""
-  path = workdir / 'config.json'
-  has_checkpoints = (workdir / 'checkpoints').exists() and any(
-      (workdir / 'checkpoints').iterdir())
-  if not (has_checkpoints and path.exists()):
-    return
-  conflicts, allowed = config_lib.resume_conflicts(
-      json.loads(path.read_text()), config)
-  if conflicts:
-    raise config_lib.ConfigError(
-        f'--workdir={workdir} holds checkpoints of a run with a different '
-        'model or data, so it cannot resume with this config. Differing '
-        'fields (saved -> requested):\n  - ' + '\n  - '.join(conflicts) +
-        '\nUse a new --workdir, or pass the saved values (see '
-        f'{path}).')
-  if allowed:
-    logging.warning('Resuming with changed training settings: %s',
-                    '; '.join(allowed))
 
 
 class Experiment:
@@ -126,18 +143,21 @@ class Experiment:
   def __init__(self, config, workdir):
     config_lib.validate(config)
     self.config = config
-    self.workdir = prepare_workdir(workdir)
-    check_resume_compatible(self.workdir, config)
+    self.workdir = workdir_lib.prepare(workdir)
+    self.saved_config = workdir_lib.read_json(self.workdir, workdir_lib.CONFIG)
+    resume.check_compatible(self.workdir, config, self.saved_config)
     input_pipeline.get_dataset_info(config)  # Validates name and features.
     self.mesh = sharding_lib.create_mesh()
     sharding_lib.check_batch_size(config.batch_size, self.mesh)
-    metrics_lib.write_json(self.workdir / 'config.json', config.to_dict())
+    metrics_lib.write_json(self.workdir / workdir_lib.CONFIG,
+                           config.to_dict())
     input_pipeline.prepare(config)
     self.pipeline = input_pipeline.Pipeline(
         config, num_shards=self.mesh.devices.size,
         shard_indices=sharding_lib.local_shard_indices(self.mesh))
     self.info = self.pipeline.info  # Class names are known once prepared.
-    self.stats = normalization_stats(self.workdir, self.pipeline)
+    self.stats = normalization_stats(self.workdir, config, self.pipeline,
+                                     workdir_lib.has_checkpoints(self.workdir))
     self.model = model_lib.create_model(config, self.info.num_classes)
     image_shape = (config.image_size, config.image_size, self.info.channels)
     self.state, self.state_shardings = steps.create_train_state(
@@ -147,9 +167,10 @@ class Experiment:
     self.learning_rates = recipe.LearningRates(config,
                                                self.pipeline.steps_per_epoch)
     self.manager = checkpointing.create_manager(
-        (self.workdir / 'checkpoints').resolve(),
+        (self.workdir / workdir_lib.CHECKPOINTS).resolve(),
         max_to_keep=config.checkpoint_max_to_keep)
-    self.writer = metrics_lib.SummaryWriter(str(self.workdir / 'tensorboard'))
+    self.writer = metrics_lib.SummaryWriter(
+        str(self.workdir / workdir_lib.TENSORBOARD))
 
   def restore_or_init(self):
     """The latest good checkpoint's (state, meta), else the fresh ones."""
@@ -160,7 +181,7 @@ class Experiment:
     state, meta = restored
     logging.info('Resuming from step %d (epoch %d done).', int(state.step),
                  meta['epoch'])
-    return state, meta
+    return resume.adopt_config(state, meta, self.config, self.saved_config)
 
   def close(self):
     self.manager.wait_until_finished()
@@ -220,7 +241,7 @@ def _test(ex, state, meta):
   results = {'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
              'test_top5_accuracy': test['top5_accuracy'],
              'best_epoch': es.best_epoch, 'epochs_trained': meta['epoch']}
-  metrics_lib.write_json(ex.workdir / 'results.json', results)
+  metrics_lib.write_json(ex.workdir / workdir_lib.RESULTS, results)
   ex.writer.scalars(int(state.step), {f'test/{k}': v for k, v in test.items()})
   if metrics_lib.is_chief():
     print(f'Test accuracy: {round(test["accuracy"] * 100, 2)}%')
@@ -318,9 +339,9 @@ def _es_kwargs(config):
 
 
 def _write_epoch_outputs(ex, step, history):
-  metrics_lib.write_json(ex.workdir / 'history.json', history)
+  metrics_lib.write_json(ex.workdir / workdir_lib.HISTORY, history)
   metrics_lib.plot_learning_curves(history,
-                                   ex.workdir / 'learning_curves.png')
+                                   ex.workdir / workdir_lib.LEARNING_CURVES)
   scalars = {k.replace('_', '/', 1): v for k, v in history[-1].items()
              if k.startswith(('train_', 'val_'))}
   scalars['learning_rate'] = history[-1]['learning_rate']

@@ -99,7 +99,6 @@ def test_configs_without_kernel_choices_get_the_defaults():
 
 def test_resume_conflicts_separate_model_from_training_fields():
   saved = cifar100.get_config().to_dict()
-  saved.pop('remat')  # As if saved by a version without this field.
   config = cifar100.get_config()
   config.num_epochs = 80
   config.plateau.patience = 5
@@ -108,6 +107,26 @@ def test_resume_conflicts_separate_model_from_training_fields():
   conflicts, allowed = config_lib.resume_conflicts(saved, config)
   assert conflicts == ['ffn_units: [256, 256] -> [128, 128]',
                        'latent_dim: 256 -> 128']
-  assert allowed == ['num_epochs: 50 -> 80', 'plateau.patience: 3 -> 5',
-                     "remat: '<unset>' -> False"]
-  assert config_lib.resume_conflicts(saved, cifar100.get_config())[0] == []
+  assert allowed == ['num_epochs: 50 -> 80', 'plateau.patience: 3 -> 5']
+  assert config_lib.resume_conflicts(saved, cifar100.get_config()) == ([], [])
+
+
+def test_a_field_the_saved_config_lacks_counts_as_its_default():
+  """Workdirs saved before a field existed ran with its default."""
+  saved = cifar100.get_config().to_dict()
+  for name in ('position_encoding', 'remat', 'ema_decay'):
+    saved.pop(name)
+  assert config_lib.resume_conflicts(saved, cifar100.get_config()) == ([], [])
+  config = cifar100.get_config()
+  config.position_encoding = 'fourier'  # Another model: refused.
+  config.remat = True  # A speed option: may change.
+  config.ema_decay = 0.999  # Changes what the checkpoint holds: refused.
+  conflicts, allowed = config_lib.resume_conflicts(saved, config)
+  assert conflicts == ["ema_decay: <unset: default 0.0> -> 0.999",
+                       "position_encoding: <unset: default 'learned'> -> "
+                       "'fourier'"]
+  assert allowed == ['remat: <unset: default False> -> True']
+  # A field nobody knows a default for differs whatever its value.
+  saved['mystery'] = 1
+  assert config_lib.resume_conflicts(saved, cifar100.get_config())[0] == [
+      'mystery: 1 -> <unset>']

@@ -109,7 +109,7 @@ def test_prepare_runs_the_real_builder_offline(fake_cifar100, stored):
   info = input_pipeline.get_dataset_info(
       tfds_fixtures.make_config(fake_cifar100.data_dir))
   assert info == input_pipeline.DatasetInfo(
-      'cifar100', 32, 32, 3, 100, tfds_fixtures.FINE_NAMES)
+      'cifar100', 32, 32, 3, 100, tfds_fixtures.FINE_NAMES, '3.0.2')
 
 
 @pytest.mark.parametrize('validation_split,num_train', [

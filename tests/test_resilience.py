@@ -6,7 +6,9 @@ moments through the PERCEIVER_JAX_FAULT hook; SIGKILL leaves no chance to
 clean up, as in a crash or a lost VM.
 """
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,11 +64,16 @@ def _assert_identical(a, b):
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory, cache_dir):
+def reference_workdir(tmp_path_factory, cache_dir):
   workdir = tmp_path_factory.mktemp('reference')
   proc = _run(workdir, cache_dir)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return _final(workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def reference(reference_workdir):
+  return _final(reference_workdir)
 
 
 def test_same_config_and_seed_give_identical_runs(tmp_path, cache_dir,
@@ -98,6 +105,33 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(
   rerun = _run(tmp_path, cache_dir)
   assert rerun.returncode == 0, rerun.stderr[-4000:]
   assert any(f'Resuming from step {s} ' in rerun.stderr for s in resumes_from)
+  _assert_identical(_final(tmp_path), reference)
+
+
+def _truncate_arrays(checkpoint):
+  """Empties every file of a checkpoint's array data, as a full disk might."""
+  damaged = 0
+  for root, _, files in os.walk(os.path.join(checkpoint, 'state')):
+    for name in files:
+      if os.path.basename(root) == 'd':  # OCDBT data files.
+        with open(os.path.join(root, name), 'r+b') as f:
+          f.truncate(0)
+        damaged += 1
+  assert damaged, f'no array files under {checkpoint}'
+
+
+def test_damaged_newest_checkpoint_is_set_aside_and_trained_past(
+    tmp_path, cache_dir, reference):
+  first = _run(tmp_path, cache_dir, extra=('--config.num_epochs=2',))
+  assert first.returncode == 0, first.stderr[-4000:]
+  _truncate_arrays(tmp_path / 'checkpoints' / '8')
+  # Twice: the first rerun trains past step 8; the second finds the run done.
+  for _ in range(2):
+    rerun = _run(tmp_path, cache_dir)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+  assert 'Resuming from step 12 ' in rerun.stderr
+  entries = os.listdir(tmp_path / 'checkpoints')
+  assert '8.unreadable' in entries, entries
   _assert_identical(_final(tmp_path), reference)
 
 
@@ -144,6 +178,19 @@ def test_nan_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path,
       os.path.join(tmp_path, 'checkpoints', '4', 'state'))
   assert all(np.isfinite(np.asarray(x)).all()
              for x in ocp.tree.to_flat_dict(state['params']).values())
+
+
+def test_resumed_run_trains_on_with_the_new_learning_rate(
+    tmp_path, cache_dir, reference_workdir):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference_workdir, workdir)
+  proc = _run(workdir, cache_dir, extra=('--config.num_epochs=4',
+                                         '--config.learning_rate=0.0005'))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert 'the plateau controller continues from 0.0005' in proc.stderr
+  with open(workdir / 'history.json') as f:
+    rates = [h['learning_rate'] for h in json.load(f)]
+  assert rates == [1e-3, 1e-3, 1e-3, 5e-4]
 
 
 def test_resume_refuses_a_different_model(tmp_path, cache_dir):
