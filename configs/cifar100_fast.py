@@ -16,7 +16,7 @@ jitted train step (as it does for every config) and the train state is
 donated to the step.
 
 Command:
-  python main.py --config=configs/cifar100_fast.py --workdir=/tmp/perceiver_fast
+  python main.py --config=configs/cifar100_fast.py  # runs/cifar100_fast
 Throughput alone:
   python benchmarks/throughput.py --config=configs/cifar100_fast.py --steps=50
 

@@ -19,8 +19,7 @@ are trained on small datasets:
     end; the best epoch's weights (by validation loss) are still tested.
 
 Command:
-  python main.py --config=configs/cifar100_paper.py \
-      --workdir=/tmp/perceiver_cifar100_paper
+  python main.py --config=configs/cifar100_paper.py  # runs/cifar100_paper
 
 Expected compute: 9,452,389 parameters (the seed's 9,697,637 minus the
 262,144 learned position embeddings plus 66 x 256 projection weights for

@@ -4,7 +4,7 @@ Needs no network and no prepared dataset; finishes in well under a minute on
 one CPU.
 
 Command:
-  python main.py --config=configs/fake_data.py --workdir=/tmp/perceiver_fake
+  python main.py --config=configs/fake_data.py  # writes runs/fake_data
 
 Expected result: chance-level accuracy (the mock images are random noise),
 printed as the seed's `Test accuracy: X%` and `Test top 5 accuracy: Y%` lines.
