@@ -21,9 +21,19 @@ ATOL = 1e-4
 MEAN = np.array([129.3, 124.1, 112.4], np.float32)
 VARIANCE = np.array([68.2, 65.4, 70.4], np.float32) ** 2
 
-needs_tf_keras = pytest.mark.skipif(
-    keras.backend.backend() != 'tensorflow',
-    reason='Keras layers are the reference only on the TensorFlow backend.')
+
+@pytest.fixture
+def tf_keras():
+  """Fails, never skips, unless Keras runs on TensorFlow.
+
+  The Keras layers are the reference only on the seed's backend; skipping
+  on another would quietly drop the file's strongest checks.
+  """
+  backend = keras.backend.backend()
+  if backend != 'tensorflow':
+    pytest.fail(f'Keras was imported with the {backend!r} backend, but the '
+                'reference layers need TensorFlow: unset KERAS_BACKEND (or '
+                'set it to "tensorflow") and run again.', pytrace=False)
 
 
 def _uint8_images(shape, seed=0):
@@ -94,6 +104,7 @@ def test_resize_is_not_antialiased():
   np.testing.assert_allclose(got, 1.0, atol=1e-6)
 
 
+@pytest.mark.usefixtures('tf_keras')
 @pytest.mark.parametrize('channels', [1, 3])
 def test_normalize_matches_keras_normalization(channels):
   images = _uint8_images((2, 8, 6, channels))
@@ -134,7 +145,7 @@ def test_zoom_by_one_is_identity_and_zoom_in_magnifies_the_centre():
   np.testing.assert_allclose(got[:, :, ::2], images[:, :, 3:10], atol=1e-6)
 
 
-@needs_tf_keras
+@pytest.mark.usefixtures('tf_keras')
 @pytest.mark.parametrize('height_factor,width_factor', [
     ((0.3, 0.3), (-0.25, -0.25)),   # zoom out vertically, in horizontally
     ((-0.2, -0.2), (0.2, 0.2)),
@@ -150,7 +161,7 @@ def test_zoom_matches_keras_random_zoom_with_fixed_factors(height_factor,
   np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
 
 
-@needs_tf_keras
+@pytest.mark.usefixtures('tf_keras')
 def test_preprocess_eval_matches_keras_normalization_then_resizing():
   images = _uint8_images((4, 32, 32, 3))
   model = keras.Sequential([

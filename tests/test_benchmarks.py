@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 from configs import cifar100
 from configs import fake_data
@@ -131,16 +132,51 @@ def test_analytic_flops_scale_with_the_model():
           config, 10, batch_size=4)['total']
 
 
-def test_host_pipeline_mode_on_mock_data():
+def test_host_pipeline_mode_on_mock_data(monkeypatch):
+  """The rates are batch / median timed step, warmup excluded, per core.
+
+  The harness's clock is replaced by one that only the batch source moves,
+  by a known time per batch, so every rate it reports has an exact value
+  that does not come from the harness itself.
+  """
+  # Imports tensorflow, as the mode does; the train-step tests need none.
+  # pylint: disable-next=g-import-not-at-top
+  from perceiver_jax import input_pipeline
   config = fake_data.get_config()  # tfds mock data, batch 16.
+  warmup, steps = 1, 3
+  # Seconds per batch drawn: the gather loop (1 warmup + 3 timed), then the
+  # augmentation loop (same). A slow warmup batch and an outlier among the
+  # timed ones: only the median of the timed ones gives 0.2 s and 0.5 s.
+  durations = iter([9.0, 0.1, 0.2, 0.6, 9.0, 0.5, 0.4, 3.0])
+  clock = [0.0]
+  shapes = []
+  original = input_pipeline.Pipeline.train_batch
+
+  def timed_batch(self, epoch, step):
+    batch = original(self, epoch, step)
+    shapes.append(batch['image'].shape)
+    clock[0] += next(durations)
+    return batch
+
+  monkeypatch.setattr(input_pipeline.Pipeline, 'train_batch', timed_batch)
+  monkeypatch.setattr(throughput, 'time',
+                      types.SimpleNamespace(perf_counter=lambda: clock[0]))
   lines = []
-  results = throughput.benchmark_host_pipeline(config, steps=2, warmup=1,
-                                               log=lines.append)
-  assert results['images_per_sec'] > 0
-  assert results['gather_images_per_sec'] > 0
-  assert results['images_per_sec_per_core'] == (
-      results['images_per_sec'] / results['cores'])
-  assert lines[-1].startswith('host_images_per_sec=')
+  results = throughput.benchmark_host_pipeline(config, steps=steps,
+                                               warmup=warmup, log=lines.append)
+  # Every batch it timed was drawn, each a full batch of raw images.
+  assert shapes == [(config.batch_size, 32, 32, 3)] * 2 * (warmup + steps)
+  cores = len(os.sched_getaffinity(0))  # What this process may run on.
+  rate = config.batch_size / 0.5
+  assert results['cores'] == cores
+  assert results['gather_images_per_sec'] == pytest.approx(
+      config.batch_size / 0.2)
+  assert results['images_per_sec'] == pytest.approx(rate)
+  assert results['images_per_sec_per_core'] == pytest.approx(rate / cores)
+  assert lines[0].startswith(
+      f'host: {cores} CPU cores available; batch {config.batch_size},')
+  assert lines[-1] == (f'host_images_per_sec={rate:.3f} '
+                       f'host_images_per_sec_per_core={rate / cores:.3f}')
 
 
 def test_keras_reference_is_the_seed_model():

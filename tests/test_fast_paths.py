@@ -9,6 +9,7 @@ keyed by (seed, step) inside the step, and configs/cifar100_fast.py.
 
 import functools
 
+import chex
 from configs import cifar100
 from configs import cifar100_fast
 from configs import fake_data
@@ -69,19 +70,14 @@ def _batch(n=16, seed=0):
 class Step:
   """A compiled train step and a host copy of its initial state."""
 
-  def __init__(self, config, state=None, shardings=None):
+  def __init__(self, config):
     self.config = config
     self.mesh = sharding_lib.create_mesh(jax.devices()[:1])
     self.model = create_model(config, NUM_CLASSES)
-    if state is None:
-      shape = (config.image_size, config.image_size, 3)
-      state, shardings = steps.create_train_state(config, self.model, shape,
-                                                  self.mesh)
-    else:  # Same parameters, this config's model.
-      state = state.replace(apply_fn=self.model.apply)
-      shardings = shardings.replace(apply_fn=self.model.apply)
-    self.shardings = shardings
-    train, _ = steps.jit_steps(config, STATS, self.mesh, shardings)
+    shape = (config.image_size, config.image_size, 3)
+    state, self.shardings = steps.create_train_state(config, self.model,
+                                                     shape, self.mesh)
+    train, _ = steps.jit_steps(config, STATS, self.mesh, self.shardings)
     self.batch = sharding_lib.global_batch(self.mesh, _batch())
     self.compiled = train.lower(state, self.batch, LR).compile(
         compiler_options=FAST_COMPILE)
@@ -98,11 +94,8 @@ class Step:
 
 @functools.lru_cache(maxsize=None)
 def step_for(dtype):
-  """float32 initialises; other dtypes start from its very parameters."""
-  if dtype == 'float32':
-    return Step(small_config(dtype=dtype))
-  f32 = step_for('float32')
-  return Step(small_config(dtype=dtype), f32.fresh_state(), f32.shardings)
+  """Each dtype's model initialises its own state, as main.py's would."""
+  return Step(small_config(dtype=dtype))
 
 
 def _flat(tree):
@@ -117,12 +110,21 @@ def _flat(tree):
 def test_bfloat16_train_step_matches_float32():
   """(bfloat16 logits alone: tests/test_model.py.)"""
   f32, bf16 = step_for('float32'), step_for('bfloat16')
-  np.testing.assert_array_equal(_flat(f32.host_state.params),
-                                _flat(bf16.host_state.params))
+  # Initialised independently, the two models start from the very same
+  # float32 parameters: the compute dtype changes no key and no initialiser
+  # (so a bfloat16 run is the float32 run, computed in bfloat16).
+  assert {x.dtype for x in jax.tree.leaves(bf16.host_state.params)} == {
+      np.dtype('float32')}
+  chex.assert_trees_all_equal(f32.host_state.params, bf16.host_state.params)
   state32, metrics32 = f32(f32.fresh_state())
   state16, metrics16 = bf16(bf16.fresh_state())
-  # bfloat16 rounds to 2**-9 relative (0.2%); the loss must stay within
-  # 0.2% and the gradient norm within 1% of float32.
+  # Relative errors of values known not to be small: the loss is a sum of
+  # 16 cross-entropies near ln(10) (random initial logits), the gradient
+  # norm far from 0. bfloat16 rounds to 2**-9 relative (0.2%); the loss
+  # averages those roundings over the batch and must stay within 0.2%, the
+  # gradient norm (twice the depth: forward and backward) within 1%.
+  assert 16 * 1.5 < metrics32['loss'] < 16 * 4, metrics32['loss']
+  assert metrics32['grad_norm'] > 1, metrics32['grad_norm']
   np.testing.assert_allclose(metrics16['loss'], metrics32['loss'], rtol=2e-3)
   np.testing.assert_allclose(metrics16['grad_norm'], metrics32['grad_norm'],
                              rtol=1e-2)

@@ -20,6 +20,7 @@ from perceiver_jax import attention
 from perceiver_jax import blocks
 from perceiver_jax import config_lib
 from perceiver_jax import decoders
+from perceiver_jax import dropout as dropout_lib
 from perceiver_jax import encoders
 from perceiver_jax import model as model_lib
 from perceiver_jax import position_encoding
@@ -28,6 +29,15 @@ import test_model
 from test_model import key  # 'rbg' keys: see test_model.py.
 
 NUM_CLASSES = 5
+# XLA:CPU's LLVM optimisations change no value these tests check.
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
+# The paper's options, all off by default (model.OPTION_DEFAULTS also holds
+# older fields, such as dtype, that config_lib requires).
+PAPER_OPTION_DEFAULTS = {
+    name: model_lib.OPTION_DEFAULTS[name] for name in (
+        'position_encoding', 'fourier_num_bands', 'fourier_max_resolution',
+        'fourier_mode', 'weight_sharing', 'num_cross_heads', 'decoder',
+        'logits_dropout')}
 
 
 def tiny_config(**overrides):
@@ -277,7 +287,7 @@ def test_seed_parameter_tree_unchanged_by_explicit_defaults():
                          num_cross_heads=0, decoder='mean',
                          logits_dropout=True)
   legacy = tiny_config()
-  for name in model_lib.PAPER_OPTION_DEFAULTS:  # Configs from before.
+  for name in PAPER_OPTION_DEFAULTS:  # Configs from before.
     del legacy[name]
   trees = [param_shapes(c) for c in (explicit, legacy)]
   assert jax.tree.structure(trees[0]) == jax.tree.structure(trees[1])
@@ -288,7 +298,7 @@ def test_seed_parameter_tree_unchanged_by_explicit_defaults():
   assert set(trees[0]['patch_encoder']) == {'projection',
                                             'position_embedding'}
   legacy_model = model_lib.create_model(legacy, 5)
-  for name, default in model_lib.PAPER_OPTION_DEFAULTS.items():
+  for name, default in PAPER_OPTION_DEFAULTS.items():
     assert getattr(legacy_model, name) == default == cifar100.get_config()[name]
 
 
@@ -323,6 +333,51 @@ def test_weight_sharing_maps_iterations_to_weight_sets():
   np.testing.assert_allclose(
       apply(shared, {**common, **weight_set(2, '')}),
       apply(none_model, none_with_sets(2, 2, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_iterations_sharing_weights_draw_different_dropout_masks(
+    monkeypatch):
+  """Each call of a shared module draws a fresh key (flax's make_rng counts
+  the calls), so iteration 2 does not repeat iteration 1's masks.
+
+  Every mask the model draws (attention weights and FFN outputs alike) goes
+  through `dropout.keep_mask`; recording them in call order gives each
+  iteration's masks, in the same order, then the classifier's.
+  """
+  config = tiny_config(weight_sharing='all', num_iterations=2,
+                       num_transformer_blocks=1, dropout_rate=0.5,
+                       attention_dropout_rate=0.5)
+  images = images_for(config)
+  model, variables = build(config, images)
+  masks = []
+  keep_mask = dropout_lib.keep_mask
+
+  def recording(*args, **kwargs):
+    masks.append(keep_mask(*args, **kwargs))
+    return masks[-1]
+
+  monkeypatch.setattr(dropout_lib, 'keep_mask', recording)
+
+  def draw(variables, images):
+    masks.clear()
+    model.apply(variables, images, train=True, rngs={'dropout': key(11)})
+    return list(masks)
+
+  compiled = jax.jit(draw).lower(variables, images).compile(
+      compiler_options=FAST_COMPILE)
+  masks.clear()  # (Tracers.)
+  drawn = [np.asarray(m) for m in compiled(variables, images)]
+  # Per iteration: cross-attention weights and its FFN, then attention
+  # weights and FFN of each block; then the logits.
+  per_iteration = 2 + 2 * config.num_transformer_blocks
+  assert len(drawn) == 2 * per_iteration + 1, [m.shape for m in drawn]
+  first, second = drawn[:per_iteration], drawn[per_iteration:-1]
+  for i, (a, b) in enumerate(zip(first, second)):
+    assert a.shape == b.shape, i
+    assert 0 < a.mean() < 1 and 0 < b.mean() < 1, i  # Dropout is on.
+    # Equal only with the same key: masks of 64 or more elements at rate
+    # 0.5 coincide by chance with probability 2**-64 or less.
+    assert (a != b).any(), f'mask {i} repeated in iteration 2'
 
 
 # --------------------------------------------------------------------------
@@ -558,7 +613,7 @@ def test_config_lib_accepts_paper_options_and_old_configs():
                      num_cross_heads=8, decoder='query',
                      logits_dropout=False))
   assert not config_lib.config_problems(config)
-  for name in model_lib.PAPER_OPTION_DEFAULTS:
+  for name in PAPER_OPTION_DEFAULTS:
     del config[name]
   assert not config_lib.config_problems(config)
 
