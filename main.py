@@ -44,7 +44,7 @@ from ml_collections import config_flags
 
 from perceiver_jax import config_lib
 from perceiver_jax import errors
-from perceiver_jax import host_memory
+from perceiver_jax.training import host_memory
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -101,14 +101,14 @@ class _QuietLibraries(std_logging.Filter):
 def _run_tool(workdir, argv):
   """--mode=eval, predict or attention, on the workdir's saved config."""
   # pylint: disable=g-import-not-at-top
-  from perceiver_jax import attention_maps
-  from perceiver_jax import inference
-  from perceiver_jax import predict
+  from perceiver_jax.tools import attention_maps
+  from perceiver_jax.tools import evaluate
+  from perceiver_jax.tools import predict
   # pylint: enable=g-import-not-at-top
   overrides = {} if FLAGS.config is None else dict(
       config_flags.get_override_values(FLAGS['config']))
   if FLAGS.mode == 'eval':
-    inference.evaluate(workdir, overrides=overrides)
+    evaluate.run(workdir, overrides=overrides)
   elif FLAGS.mode == 'predict':
     predict.run(workdir, list(FLAGS.images) + list(argv[1:]),
                 overrides=overrides)
@@ -167,10 +167,10 @@ def main(argv):
                  '(--host_memory=system to turn off).')
   # Imported only now, so `--help` and flag errors need no jax/tensorflow.
   # pylint: disable=g-import-not-at-top
-  from perceiver_jax import metrics
-  from perceiver_jax import preemption
-  from perceiver_jax import sharding
-  from perceiver_jax import train
+  from perceiver_jax.training import loop
+  from perceiver_jax.training import metrics
+  from perceiver_jax.training import preemption
+  from perceiver_jax.training import sharding
   # pylint: enable=g-import-not-at-top
   explicit = (FLAGS.coordinator_address, FLAGS.num_processes,
               FLAGS.process_id)
@@ -178,7 +178,7 @@ def main(argv):
     sharding.initialize_distributed(*explicit)
   try:
     if FLAGS.mode == 'train':
-      train.train_and_evaluate(FLAGS.config, workdir)
+      loop.train_and_evaluate(FLAGS.config, workdir)
     else:
       _run_tool(workdir, argv)
   except preemption.Preempted as e:

@@ -37,7 +37,8 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
-from perceiver_jax import host_memory
+from benchmarks import timing
+from perceiver_jax.training import host_memory
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -267,13 +268,7 @@ def measure_matmul_peak(size, repeats=5):
   a = tf.random.normal((size, size))
   b = tf.random.normal((size, size))
   matmul = tf.function(tf.linalg.matmul)
-  matmul(a, b).numpy()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, b).numpy()
-    times.append(time.perf_counter() - start)
-  return 2 * size**3 / min(times)
+  return timing.matmul_peak(lambda: matmul(a, b).numpy(), size, repeats)
 
 
 def benchmark(config, *, num_classes=100, steps=20, warmup=2,

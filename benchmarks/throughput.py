@@ -12,8 +12,8 @@ reported. The last line is machine-readable:
 
   images_per_sec=<float> mfu=<float>
 
-Model FLOPs are counted analytically (`analytic_flops_per_example`: every
-matmul of the forward pass, x3 for forward + backward), the usual MFU
+Model FLOPs are counted analytically (`flops.analytic_flops_per_example`:
+every matmul of the forward pass, x3 for forward + backward), the usual MFU
 convention; XLA's cost analysis of the compiled step is printed beside it as
 a check (it also counts elementwise ops, softmax, LayerNorm, the optimizer,
 the augmentation and any rematerialised forward pass). MFU divides the
@@ -52,11 +52,12 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from perceiver_jax import folded as folded_lib
-from perceiver_jax import host_memory
-from perceiver_jax import model as model_lib
-from perceiver_jax import sharding as sharding_lib
-from perceiver_jax import steps as steps_lib
+from benchmarks import flops
+from benchmarks import timing
+from perceiver_jax.model import perceiver
+from perceiver_jax.training import host_memory
+from perceiver_jax.training import sharding as sharding_lib
+from perceiver_jax.training import steps as steps_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -89,136 +90,6 @@ def _define_flags():
 
 
 # --------------------------------------------------------------------------
-# FLOPs.
-
-
-def _dense_chain_flops(rows, widths):
-  """Matmul FLOPs of Dense layers widths[0] -> widths[1] -> ... on `rows`."""
-  return sum(2 * rows * a * b for a, b in zip(widths[:-1], widths[1:]))
-
-
-def transformer_attention_folded(config, batch_size=None):
-  """Whether the latent self-attention runs in the folded form.
-
-  Mirrors `attention.MultiHeadAttention.folded` for the seed's latent
-  Transformer (queries, keys and values all latents of projection_dim).
-  """
-  form = config.get('attention_form', 'auto')
-  if form != 'auto':
-    return form == 'folded'
-  d, n = config.projection_dim, config.latent_dim
-  batch_size = config.batch_size if batch_size is None else batch_size
-  return folded_lib.saves_flops(batch_size, n, n, d, d, d, config.num_heads,
-                                d)
-
-
-def analytic_flops_per_example(config, num_classes, channels=CHANNELS,
-                               batch_size=None):
-  """Matmul FLOPs of one example's forward pass, by part (2 per multiply-add).
-
-  Counts what dominates and what MFU conventionally counts: the patch
-  projection, q/k/v projections, attention logits and weighted sums, output
-  projections, FFNs and the classifier. Everything elementwise (LayerNorm,
-  GELU, softmax, dropout, residuals, the augmentation) is left out.
-
-  The cross-attention's keys and values are projections of the same data
-  array by the same (shared) weights in every iteration, so they are counted
-  once: XLA computes them once too (common subexpression elimination), even
-  though the seed's code asks for them per iteration.
-
-  The latent self-attention is counted in the form it runs in
-  (`config.attention_form`, 'auto' deciding at `batch_size`): the matmuls
-  the device executes, so MFU is not flattered by the folded form. The
-  folded form's per-head weight products (`W_q W_k^T`, `W_v W_o`) are paid
-  once per step and appear spread over the batch ('weight_folding'). The
-  factored (Keras-order) count is returned as 'factored_total' either way.
-
-  Args:
-    config: a model config (see configs/cifar100.py).
-    num_classes: logits width.
-    channels: image channels.
-    batch_size: the batch the step runs (default config.batch_size).
-
-  Returns:
-    dict of FLOPs per part, with the sum under 'total'.
-  """
-  batch_size = config.batch_size if batch_size is None else batch_size
-  d = config.projection_dim
-  n = config.latent_dim
-  m = (config.image_size // config.patch_size)**2
-  heads = config.num_heads
-  head_dim = d  # Keras MultiHeadAttention(key_dim=projection_dim).
-  ffn = (d,) + tuple(config.ffn_units)
-  factored_block = (3 * 2 * n * d * heads * head_dim +   # q, k, v
-                    2 * (2 * heads * n * n * head_dim) +  # logits, sums
-                    2 * n * heads * head_dim * d +        # output projection
-                    _dense_chain_flops(n, ffn))
-  folded_block = (2 * n * d * heads * d +    # x W_qk
-                  2 * (2 * heads * n * n * d) +  # logits, P x
-                  2 * n * heads * d * d +    # (P x) W_vo
-                  _dense_chain_flops(n, ffn))
-  folded = transformer_attention_folded(config, batch_size)
-  weight_sets = {'all': 1, 'paper': min(config.num_iterations, 2),
-                 'none': config.num_iterations}[
-                     config.get('weight_sharing', 'all')]
-  parts = {
-      'patch_projection': 2 * m * config.patch_size**2 * channels * d,
-      'data_key_value': 2 * (2 * m * d * d),
-      # Per iteration: q from the latents, logits and the weighted sum of
-      # values, the FFN on the latents.
-      'cross_attention': (2 * n * d * d + 2 * (2 * n * m * d) +
-                          _dense_chain_flops(n, ffn)),
-      # Per block and iteration, in the form that runs.
-      'transformer_block': folded_block if folded else factored_block,
-      # Per block and iteration: W_q W_k^T and W_v W_o of every head. XLA
-      # forms them once per step and weight set (iterations sharing weights
-      # share them), but their gradient once per iteration; counted so that
-      # 3x the forward is the step's total, spread over the examples.
-      'weight_folding': (2 * 2 * heads * d * head_dim * d *
-                         (weight_sets + 2 * config.num_iterations) /
-                         (3 * batch_size * config.num_iterations)
-                         if folded else 0),
-      'classifier': _dense_chain_flops(
-          1, (d,) + tuple(config.classifier_units) + (num_classes,)),
-  }
-
-  def total(block):
-    return (parts['patch_projection'] + parts['data_key_value'] +
-            config.num_iterations *
-            (parts['cross_attention'] +
-             config.num_transformer_blocks * block) +
-            parts['classifier'])
-
-  parts['total'] = total(parts['transformer_block'] + parts['weight_folding'])
-  parts['factored_total'] = total(factored_block)
-  return parts
-
-
-def analytic_train_flops_per_step(config, num_classes, batch_size=None):
-  """Forward + backward matmul FLOPs of one train step (3x the forward).
-
-  The backward pass does two matmuls (input and weight gradients) per
-  forward matmul. Rematerialisation's extra forward is deliberately not
-  counted: MFU counts the model's FLOPs, not the ones a schedule adds.
-  """
-  batch_size = config.batch_size if batch_size is None else batch_size
-  return 3 * batch_size * analytic_flops_per_example(
-      config, num_classes, batch_size=batch_size)['total']
-
-
-def xla_flops(compiled, num_devices=1):
-  """FLOPs XLA's cost analysis counts for a compiled program, all devices.
-
-  An SPMD-partitioned executable is one device's program, so its count is
-  multiplied by the number of devices it runs on.
-  """
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older jax: one dict per program.
-    cost = cost[0]
-  return float(cost['flops']) * num_devices
-
-
-# --------------------------------------------------------------------------
 # Peak, memory, data.
 
 
@@ -231,13 +102,8 @@ def measure_matmul_peak(dtype, size, device, repeats=5):
   a, b = jax.random.normal(jax.random.key(0), (2, size, size), jnp.float32)
   a, b = jax.device_put((a.astype(dtype), b.astype(dtype)), device)
   matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()  # Compile and warm up.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * size**3 / min(times)
+  return timing.matmul_peak(lambda: matmul(a, b).block_until_ready(), size,
+                            repeats)
 
 
 def peak_memory_bytes(device):
@@ -290,7 +156,7 @@ def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
   sharding_lib.check_batch_size(config.batch_size, mesh)
   devices = list(mesh.devices.flat)
   device = devices[0]
-  model = model_lib.create_model(config, num_classes)
+  model = perceiver.create_model(config, num_classes)
   image_shape = (config.image_size, config.image_size, CHANNELS)
   state, shardings = steps_lib.create_train_state(config, model, image_shape,
                                                   mesh)
@@ -317,11 +183,11 @@ def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
 
   step_s = statistics.median(times)
   images_per_sec = config.batch_size / step_s
-  model_flops = analytic_train_flops_per_step(config, num_classes)
-  factored_flops = 3 * config.batch_size * analytic_flops_per_example(
+  model_flops = flops.analytic_train_flops_per_step(config, num_classes)
+  factored_flops = 3 * config.batch_size * flops.analytic_flops_per_example(
       config, num_classes)['factored_total']
-  folded = transformer_attention_folded(config)
-  compiled_flops = xla_flops(compiled, len(devices))
+  folded = model.latent_attention_folded(config.batch_size)
+  compiled_flops = flops.xla_flops(compiled, len(devices))
   achieved = model_flops / step_s
   dtype = jnp.dtype(config.get('dtype', 'float32'))
   size = peak_matmul_size or (2048 if device.platform == 'cpu' else 8192)
@@ -342,8 +208,8 @@ def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
       f'{os.environ.get("XLA_FLAGS", "")!r}')
   log(f'config: batch {config.batch_size}, dtype {dtype.name}, '
       f'attention_impl {config.get("attention_impl", "xla")}, '
-      f'attention_form {config.get("attention_form", "auto")}, dropout_rng '
-      f'{config.get("dropout_rng", "hash")}, remat '
+      f'attention_form {config.get("attention_form", "auto")}, dropout_bits '
+      f'{config.get("dropout_bits", "hash")}, remat '
       f'{config.get("remat", False)}, image {config.image_size}, patch '
       f'{config.patch_size}, latents {config.latent_dim}x'
       f'{config.projection_dim}, {config.num_transformer_blocks} blocks x '
@@ -381,8 +247,8 @@ def benchmark_host_pipeline(config, *, steps=20, warmup=2, log=print):
   """
   # Imported here: it imports tensorflow, which the GPU machines lack.
   # pylint: disable=g-import-not-at-top
-  from perceiver_jax import augment
-  from perceiver_jax import input_pipeline
+  from perceiver_jax.data import augment
+  from perceiver_jax.data import input_pipeline
   # pylint: enable=g-import-not-at-top
   pipeline = input_pipeline.Pipeline(config, num_shards=1, shard_indices=[0])
   cores = len(os.sched_getaffinity(0))

@@ -55,7 +55,7 @@ def get_config():
   # is cheaper (the latent self-attention); 'factored' is Keras' order.
   config.attention_form = 'auto'
   # Dropout bits: 'hash' (counter-based, cheap) or 'threefry' (jax.random).
-  config.dropout_rng = 'hash'
+  config.dropout_bits = 'hash'
   config.remat = False  # Recompute block activations in the backward pass.
 
   # Keras ReduceLROnPlateau(monitor='val_loss', factor=0.2, patience=3).
@@ -72,7 +72,7 @@ def get_config():
   config.checkpoint_every_steps = 0
   config.log_every_steps = 50
 
-  # ---- Perceiver paper options (model.py); the defaults are the seed's. ----
+  # ---- Perceiver paper options (model/perceiver.py); defaults: the seed. ----
   # 'learned' (the seed's position embedding) or 'fourier' (the paper's
   # fixed sin/cos features of each patch's (row, col) in [-1, 1]).
   config.position_encoding = 'learned'
@@ -93,7 +93,7 @@ def get_config():
   config.logits_dropout = True  # Seed: Dropout after the classifier logits.
   # ---- End of Perceiver paper options. ----
 
-  # ---- Recipe options beyond the seed (recipe.py, mixing.py,
+  # ---- Recipe options beyond the seed (training/recipe.py, data/mixing.py,
   # randaugment.py); the defaults are the seed's exact behaviour. ----
   # 'plateau' (seed: ReduceLROnPlateau above) or 'warmup_cosine': per step,
   # linear from 0 to learning_rate over warmup_epochs, then cosine down to

@@ -10,7 +10,7 @@ Same model and recipe as configs/cifar100.py except:
     so it runs in evaluation; training keeps the seed's attention dropout
     (0.1) and materialises the weights.
 Like every config it runs the latent self-attention folded and draws hash
-dropout bits (`attention_form='auto'`, `dropout_rng='hash'`: the same
+dropout bits (`attention_form='auto'`, `dropout_bits='hash'`: the same
 function with fewer FLOPs). Augmentation runs on the device inside the
 jitted train step (as it does for every config) and the train state is
 donated to the step.
@@ -40,7 +40,7 @@ def get_config():
   config = cifar100.get_config()
   config.batch_size = 512
   config.learning_rate = 0.001 * math.sqrt(config.batch_size / SEED_BATCH_SIZE)
-  # Fields the model reads with config.get (see perceiver_jax/model.py).
+  # Fields the model reads with config.get (see model/perceiver.py).
   config.dtype = 'bfloat16'
   # None (unset): jax's choice. A str placeholder, so that
   # --config.attention_impl=cudnn (or xla) still parses.

@@ -47,13 +47,13 @@ def get_config():
   config.num_epochs = 150
   config.dropout_rate = 0.1
 
-  # Model options (model.py; see configs/cifar100.py).
+  # Model options (model/perceiver.py; see configs/cifar100.py).
   config.position_encoding = 'fourier'
   config.fourier_num_bands = 16
   config.fourier_mode = 'concat'
   config.logits_dropout = False
 
-  # Recipe options (recipe.py; see configs/cifar100.py).
+  # Recipe options (training/recipe.py; see configs/cifar100.py).
   config.lr_schedule = 'warmup_cosine'
   config.learning_rate = 0.001
   config.warmup_epochs = 10

@@ -9,8 +9,8 @@ neither jax nor tensorflow.
 import importlib
 
 _LAZY = {
-    'create_model': 'perceiver_jax.model',
-    'train_and_evaluate': 'perceiver_jax.train',
+    'create_model': 'perceiver_jax.model.perceiver',
+    'train_and_evaluate': 'perceiver_jax.training.loop',
 }
 
 __all__ = sorted(_LAZY)

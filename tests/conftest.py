@@ -11,3 +11,6 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The `fake_cifar100` fixture, for every test module.
+pytest_plugins = ['tests.data.tfds_fixtures']

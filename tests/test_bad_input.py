@@ -14,9 +14,9 @@ import pytest
 
 from configs import fake_data
 from perceiver_jax import errors
-from perceiver_jax import steps
-from perceiver_jax import train
-from test_train import ROOT
+from perceiver_jax.training import experiment
+from perceiver_jax.training import steps
+from tests.support import ROOT
 
 
 def _set(config, field, value):
@@ -107,7 +107,7 @@ def test_bad_input_gets_a_clear_error(tmp_path, no_compile, overrides,
     else:
       _set(config, field, value)
   with pytest.raises(errors.InputError) as e:
-    train.Experiment(config, workdir)
+    experiment.Experiment(config, workdir)
   message = str(e.value)
   for fragment in fragments:
     assert fragment in message, message

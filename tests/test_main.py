@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from test_train import ROOT
+from tests.support import ROOT
 
 MAIN = os.path.join(ROOT, 'main.py')
 
@@ -21,12 +21,12 @@ def _python(code, *args, cwd=ROOT):
 
 
 def _main_with(train_and_evaluate, *flags, cwd=ROOT):
-  """main.py with `train.train_and_evaluate` replaced by the given source."""
+  """main.py with `loop.train_and_evaluate` replaced by the given source."""
   code = ('import runpy, sys\n'
           f'sys.path.insert(0, {ROOT!r})\n'
-          'from perceiver_jax import train\n'
+          'from perceiver_jax.training import loop\n'
           f'{train_and_evaluate}\n'
-          'train.train_and_evaluate = replacement\n'
+          'loop.train_and_evaluate = replacement\n'
           f'sys.argv = [{MAIN!r}] + sys.argv[1:]\n'
           f'runpy.run_path({MAIN!r}, run_name="__main__")\n')
   return _python(code, *flags, cwd=cwd)
@@ -74,12 +74,12 @@ def test_mistyped_config_path_is_one_line_listing_the_configs(tmp_path):
 def test_design_command_starts_with_a_default_workdir(tmp_path):
   """`python main.py --config=configs/cifar100.py`, up to the download."""
   stop_at_prepare = (
-      'from perceiver_jax import input_pipeline\n'
+      'from perceiver_jax.data import input_pipeline\n'
       'def prepare(config):\n'
       '  print("PREPARE", config.dataset)\n'
       '  sys.exit(0)\n'
       'input_pipeline.prepare = prepare\n'
-      'replacement = train.train_and_evaluate\n')
+      'replacement = loop.train_and_evaluate\n')
   proc = _main_with(stop_at_prepare,
                     f'--config={os.path.join(ROOT, "configs/cifar100.py")}',
                     cwd=tmp_path)

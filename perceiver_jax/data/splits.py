@@ -1,0 +1,71 @@
+"""Which examples form each split and each device's shard of it.
+
+With n = the number of examples of tfds 'train' and
+n_train = floor(n * (1 - validation_split)) (Keras' `validation_split` rule):
+  train      = tfds 'train' examples [0, n_train)
+  validation = tfds 'train' examples [n_train, n)
+  test       = tfds 'test'
+in tfds' stored order (fixed when the dataset was prepared). A split of m
+examples is cut into k contiguous shards, shard i holding examples
+[floor(i*m/k), floor((i+1)*m/k)), so shard sizes differ by at most one.
+
+Pure Python, so the config checks (`RULES`) import without tensorflow.
+"""
+
+import math
+
+from perceiver_jax import checks
+from perceiver_jax import errors
+
+SPLITS = ('train', 'validation', 'test')
+EVAL_SPLITS = ('validation', 'test')
+
+# The data options, as the config takes them.
+RULES = {
+    'dataset': checks.Rule(lambda v: isinstance(v, str) and bool(v.strip()),
+                           'a tfds dataset name', 'cifar100'),
+    'tfds_data_dir': checks.Rule(
+        lambda v: v is None or (isinstance(v, str) and bool(v)),
+        'a directory path or unset', '/data/tfds'),
+    'validation_split': checks.number(
+        0.0, 1.0, low_open=True, high_open=True, example=0.1,
+        requirement='strictly between 0 and 1 (the held-out fraction of '
+        'tfds "train")'),
+    'mock_data': checks.BOOL,
+}
+
+
+def problems(values, field=str):
+  """What is wrong across the data options, as messages."""
+  count = values.get('mock_num_examples')
+  if values.get('mock_data') and not checks.positive_int().ok(count):
+    return [f'{field("mock_num_examples")}={count!r} must be a positive '
+            f'integer when {field("mock_data")} is True']
+  return []
+
+
+def split_ranges(num_train_records, num_test_records, validation_split,
+                 dataset=''):
+  """`{split: (tfds split, start, stop)}` of the three splits.
+
+  Raises:
+    errors.InputError: when `validation_split` leaves a split empty.
+  """
+  n = num_train_records
+  n_train = int(math.floor(n * (1.0 - validation_split)))
+  ranges = {'train': ('train', 0, n_train),
+            'validation': ('train', n_train, n),
+            'test': ('test', 0, num_test_records)}
+  for split, (_, start, stop) in ranges.items():
+    if stop <= start:
+      raise errors.InputError(
+          f'config.validation_split={validation_split} leaves the {split} '
+          f'split of {dataset!r} ({n} train examples) empty.')
+  return ranges
+
+
+def shard_ranges(start, stop, num_shards):
+  """`[(start_i, stop_i)]` of `num_shards` contiguous, near-equal shards."""
+  cuts = [start + (stop - start) * i // num_shards
+          for i in range(num_shards + 1)]
+  return list(zip(cuts[:-1], cuts[1:]))

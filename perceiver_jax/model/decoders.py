@@ -1,0 +1,64 @@
+"""Perceiver IO's classification decoder: a learned query reads the latents.
+
+The seed (and the Perceiver paper) average the final latents; Perceiver IO
+(Jaegle et al. 2022) instead lets one learned output query cross-attend to
+them, so the model chooses which latents matter for the class.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from perceiver_jax import checks
+from perceiver_jax.model import attention as attention_lib
+from perceiver_jax.model import compute as compute_lib
+
+
+class QueryDecoder(nn.Module):
+  """One learned query (1 x features) cross-attends the LayerNormed latents.
+
+  Standard multi-head cross-attention (1/sqrt(head_dim) scaling, output
+  projection), no query residual, as DeepMind's classification decoder.
+
+  Attributes:
+    features: width of the latents and of the output.
+    num_heads: attention heads; must divide `features`.
+    attention_dropout_rate: dropout on the attention weights (train only).
+    dtype: compute dtype; parameters are float32.
+    compute: `compute.Compute` (attention implementation and form).
+    attention_init: 'keras2' or 'keras3' glorot fans of the kernels.
+  """
+  features: int
+  num_heads: int = 1
+  attention_dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  compute: compute_lib.Compute = compute_lib.Compute()
+  attention_init: str = 'keras2'
+
+  def __post_init__(self):
+    checks.enforce(self, {'num_heads': checks.positive_int()}, [
+        f'num_heads={self.num_heads} must divide the decoder width '
+        f'{self.features}' if self.features % max(self.num_heads, 1) else ''])
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, latents, *, deterministic):
+    """Maps latents `[batch, n, features]` to `[batch, features]`."""
+    if latents.shape[-1] != self.features:
+      raise ValueError(f'Expected latents of width {self.features}, got shape '
+                       f'{latents.shape}.')
+    # Initialised like the latent array, which is also a learned query.
+    query = self.param('query', nn.initializers.normal(stddev=0.05),
+                       (1, self.features), jnp.float32)
+    query = jnp.broadcast_to(query.astype(self.dtype),
+                             (latents.shape[0],) + query.shape)
+    latents = attention_lib.LayerNorm(dtype=self.dtype,
+                                      name='latent_norm')(latents)
+    out = attention_lib.MultiHeadAttention(
+        self.num_heads, self.features // self.num_heads,
+        self.attention_dropout_rate, dtype=self.dtype,
+        compute=self.compute,
+        attention_init=self.attention_init, name='attention')(
+            query, latents, deterministic=deterministic)
+    return out[:, 0]

@@ -1,0 +1,317 @@
+"""The Keras example's Perceiver (Jaegle et al. 2021) as Flax linen modules.
+
+Architecture, initialisers and layer order follow the Keras example exactly:
+
+  image -> patches -> Dense + learned position embedding  (data array)
+  latent array (learned) -> [cross-attention -> latent Transformer] x T
+  -> mean over latents -> classifier FFN (ending in dropout, as in the seed)
+
+The cross-attention module and the latent Transformer (`blocks.py`) are
+each applied `num_iterations` times with the SAME weights, as in the seed
+(`weight_sharing='all'`).
+
+Options from the Perceiver papers, each off by default so the default model
+is exactly the seed's: Fourier position features (`encoders.py`,
+`position_encoding.py`), the paper's weight sharing (first iteration
+unshared) or none, multi-head cross-attention, a Perceiver IO query decoder
+(`decoders.py`) and no dropout on the logits.
+
+Differences from the seed that do not change the function: the model takes
+already normalised and augmented images (augmentation runs in the input
+pipeline / train step), and the latent array is broadcast over the batch
+instead of being passed with batch size 1.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from perceiver_jax import checks
+from perceiver_jax.model import attention as attention_lib
+from perceiver_jax.model import blocks
+from perceiver_jax.model import compute as compute_lib
+from perceiver_jax.model import decoders
+from perceiver_jax.model import encoders
+from perceiver_jax.model import folded as folded_lib
+
+# Which iterations share weights: 'all' (the seed: one cross-attention and
+# one Transformer for every iteration), 'paper' (iteration 1 has its own,
+# iterations 2..T share a second set) or 'none' (one set per iteration).
+WEIGHT_SHARING = ('all', 'paper', 'none')
+# How latents become the class representation: 'mean' (the seed) or
+# 'query' (Perceiver IO: a learned query cross-attends the latents).
+DECODERS = ('mean', 'query')
+
+# The model's options, as `Perceiver` and the config (same names) take them.
+RULES = {
+    **{name: checks.positive_int() for name in (
+        'image_size', 'patch_size', 'latent_dim', 'projection_dim',
+        'num_heads', 'num_transformer_blocks', 'num_iterations')},
+    'ffn_units': checks.tuple_of_positive_ints(),
+    'classifier_units': checks.tuple_of_positive_ints((256,)),
+    'dropout_rate': checks.RATE,
+    'attention_dropout_rate': checks.RATE,
+    'attention_init': attention_lib.ATTENTION_INIT_RULE,
+    'remat': checks.BOOL,
+    **encoders.RULES,
+    'weight_sharing': checks.one_of(*WEIGHT_SHARING),
+    'num_cross_heads': blocks.CROSS_HEADS_RULE,
+    'decoder': checks.one_of(*DECODERS),
+    'logits_dropout': checks.BOOL,
+}
+# The config names the compute dtype; the model holds it as a jnp dtype.
+DTYPE_RULE = checks.one_of('float32', 'bfloat16', 'float16')
+
+
+def problems(values, field=str):
+  """What is wrong across options (`values`: name -> value), as messages.
+
+  Each option on its own is checked by `RULES`; `field` renders option
+  names (config_lib adds 'config.').
+  """
+  out = []
+  image_size, patch_size = values.get('image_size'), values.get('patch_size')
+  if (checks.is_int(image_size) and checks.is_int(patch_size)
+      and patch_size > 0 and image_size % patch_size):
+    out.append(
+        f'{field("image_size")}={image_size} is not divisible by '
+        f'{field("patch_size")}={patch_size}; images are cut into '
+        'non-overlapping patches, so choose e.g. image_size='
+        f'{max(patch_size, image_size // patch_size * patch_size)}')
+  ffn, width = values.get('ffn_units'), values.get('projection_dim')
+  if isinstance(ffn, (tuple, list)):
+    if not ffn:
+      out.append(f'{field("ffn_units")} must not be empty; pass e.g. '
+                 '--config.ffn_units="(256,256)"')
+    elif ffn[-1] != width:
+      out.append(
+          f'{field("ffn_units")}={tuple(ffn)!r} must end with projection_dim '
+          f'({width}) because the FFN output is added back to its input; '
+          f'set its last entry to {field("projection_dim")}')
+  out.append(blocks.cross_heads_problem(values.get('num_cross_heads'), width,
+                                        field))
+  return [p for p in out if p]
+
+
+class Perceiver(nn.Module):
+  """Perceiver image classifier with the Keras example's architecture.
+
+  Attributes:
+    image_size: height and width of the (square) input images.
+    patch_size: side of the non-overlapping patches; divides image_size.
+    latent_dim: number of latents.
+    projection_dim: width of latents and data array elements.
+    num_heads: heads of the latent self-attention (each projection_dim wide).
+    ffn_units: FFN widths; the last must equal projection_dim (residual).
+    num_transformer_blocks: blocks in the latent Transformer.
+    num_iterations: applications of the cross-attention + Transformer.
+    classifier_units: hidden widths of the classifier head.
+    num_classes: logits width.
+    dropout_rate: dropout after every FFN, the head included.
+    attention_dropout_rate: dropout on all attention weights.
+    dtype: compute dtype (parameters and logits stay float32).
+    compute: `compute.Compute`, kernel choices that keep the function
+      (attention implementation and form, dropout bit generator).
+    attention_init: 'keras2' (the seed's Keras 2.7) or 'keras3' glorot fans
+      of the multi-head attention kernels.
+    remat: rematerialise the cross-attention and Transformer blocks in the
+      backward pass (less activation memory, about one more forward pass).
+    position_encoding: 'learned' (the seed) or 'fourier' (the paper).
+    fourier_num_bands: Fourier frequencies per axis.
+    fourier_max_resolution: top frequency is this / 2; 0: the patch grid.
+    fourier_mode: 'concat' Fourier features to the patches before the
+      projection, or 'add' them after their own projection.
+    weight_sharing: one of WEIGHT_SHARING.
+    num_cross_heads: 0 (the seed's single head with a learned scale) or the
+      heads of a standard multi-head cross-attention; divides projection_dim.
+    decoder: one of DECODERS.
+    logits_dropout: end the classifier with dropout on the logits (seed).
+  """
+  image_size: int
+  patch_size: int
+  latent_dim: int
+  projection_dim: int
+  num_heads: int
+  ffn_units: Sequence[int]
+  num_transformer_blocks: int
+  num_iterations: int
+  classifier_units: Sequence[int]
+  num_classes: int
+  dropout_rate: float
+  attention_dropout_rate: float = 0.1
+  dtype: Any = jnp.float32
+  compute: compute_lib.Compute = compute_lib.Compute()
+  attention_init: str = 'keras2'
+  remat: bool = False
+  position_encoding: str = 'learned'
+  fourier_num_bands: int = 64
+  fourier_max_resolution: int = 0
+  fourier_mode: str = 'concat'
+  weight_sharing: str = 'all'
+  num_cross_heads: int = 0
+  decoder: str = 'mean'
+  logits_dropout: bool = True
+
+  def __post_init__(self):
+    values = {name: getattr(self, name) for name in RULES}
+    checks.enforce(self, RULES, problems(values) + [
+        '' if checks.is_int(self.num_classes) and self.num_classes > 0 else
+        f'num_classes must be a positive integer, got {self.num_classes!r}',
+        '' if jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating) else
+        f'dtype must be a float dtype, got {self.dtype!r}'])
+    super().__post_init__()
+
+  @property
+  def num_patches(self):
+    return (self.image_size // self.patch_size)**2
+
+  @property
+  def num_weight_sets(self):
+    """Distinct cross-attention + Transformer weight sets."""
+    return {'all': 1, 'paper': min(self.num_iterations, 2),
+            'none': self.num_iterations}[self.weight_sharing]
+
+  def latent_attention_folded(self, batch_size):
+    """Whether the latent self-attention runs folded at `batch_size`."""
+    d = self.projection_dim
+    return folded_lib.uses_folded_form(
+        self.compute.attention_form, batch_size, self.latent_dim,
+        self.latent_dim, d, d, d, self.num_heads, d)
+
+  @nn.compact
+  def __call__(self, images, train: bool):
+    """Maps preprocessed images `[b, image_size, image_size, c]` to logits.
+
+    Args:
+      images: float images, already normalised (and augmented in training).
+      train: enables dropout; needs a 'dropout' rng when True.
+
+    Returns:
+      float32 logits `[batch, num_classes]`. With `mutable=['intermediates']`
+      the encoder cross-attention also sows its weights, one entry per
+      iteration (see `cross_attention_weights`).
+    """
+    if images.ndim != 4 or images.shape[1:3] != (self.image_size,) * 2:
+      raise ValueError(
+          f'Expected images [batch, {self.image_size}, {self.image_size}, '
+          f'channels] (config image_size={self.image_size}), got shape '
+          f'{images.shape}.')
+    deterministic = not train
+    common = dict(dropout_rate=self.dropout_rate,
+                  attention_dropout_rate=self.attention_dropout_rate,
+                  dtype=self.dtype, compute=self.compute)
+    data = encoders.PatchEncoder(
+        self.patch_size, self.num_patches, self.projection_dim,
+        dtype=self.dtype, position_encoding=self.position_encoding,
+        fourier_num_bands=self.fourier_num_bands,
+        fourier_max_resolution=self.fourier_max_resolution,
+        fourier_mode=self.fourier_mode, name='patch_encoder')(
+            images.astype(self.dtype))
+    latent_array = self.param(
+        'latent_array', nn.initializers.normal(stddev=0.05),  # random_normal
+        (self.latent_dim, self.projection_dim), jnp.float32)
+    latents = jnp.broadcast_to(latent_array.astype(self.dtype),
+                               (images.shape[0],) + latent_array.shape)
+    # Each set is created once and called on its iterations: with 'all' (the
+    # seed) one set serves every iteration under the seed's names.
+    cross_cls = (blocks.remat(blocks.CrossAttentionBlock, 3) if self.remat
+                 else blocks.CrossAttentionBlock)
+    suffix = lambda i: '' if self.weight_sharing == 'all' else f'_{i}'
+    cross_attentions, transformers = [], []
+    for i in range(self.num_weight_sets):
+      cross_attentions.append(cross_cls(
+          self.projection_dim, tuple(self.ffn_units),
+          num_heads=self.num_cross_heads, attention_init=self.attention_init,
+          name='cross_attention' + suffix(i), **common))
+      transformers.append(blocks.LatentTransformer(
+          self.num_transformer_blocks, self.num_heads, self.projection_dim,
+          tuple(self.ffn_units), attention_init=self.attention_init,
+          remat=self.remat, name='latent_transformer' + suffix(i), **common))
+    for t in range(self.num_iterations):
+      i = min(t, self.num_weight_sets - 1)
+      latents = cross_attentions[i](latents, data, deterministic)
+      latents = transformers[i](latents, deterministic=deterministic)
+    if self.decoder == 'mean':
+      representation = jnp.mean(latents, axis=1)  # GlobalAveragePooling1D.
+    else:
+      representation = decoders.QueryDecoder(
+          self.projection_dim, max(self.num_cross_heads, 1),
+          self.attention_dropout_rate, dtype=self.dtype,
+          compute=self.compute,
+          attention_init=self.attention_init, name='decoder')(
+              latents, deterministic=deterministic)
+    logits = blocks.FeedForward(
+        tuple(self.classifier_units) + (self.num_classes,), self.dropout_rate,
+        dtype=self.dtype, final_dropout=self.logits_dropout,
+        dropout_bits=self.compute.dropout_bits, name='classifier')(
+            representation, deterministic=deterministic)
+    return logits.astype(jnp.float32)
+
+
+def cross_attention_weights(intermediates):
+  """The sown encoder attention weights, one per iteration, in order.
+
+  Args:
+    intermediates: the 'intermediates' collection returned by
+      `model.apply(..., mutable=['intermediates'])`.
+
+  Returns:
+    A list of `num_iterations` float32 arrays `[batch, heads, latents,
+    inputs]` (heads is 1 for the seed's cross-attention).
+  """
+  def index(name):  # 'cross_attention' (shared by all), or '_<i>'.
+    return int(name.rpartition('_')[2]) if name[-1].isdigit() else 0
+
+  names = sorted((n for n in intermediates if n.startswith('cross_attention')),
+                 key=index)
+  return [w for n in names
+          for w in intermediates[n]['attention'][
+              attention_lib.ATTENTION_WEIGHTS]]
+
+
+# Config fields the model reads with a default, and the default: the seed's
+# model. Configs saved before a field existed build that model.
+OPTION_DEFAULTS = dict(
+    dtype='float32', attention_dropout_rate=0.1, attention_init='keras2',
+    remat=False, position_encoding='learned', fourier_num_bands=64,
+    fourier_max_resolution=0, fourier_mode='concat', weight_sharing='all',
+    num_cross_heads=0, decoder='mean', logits_dropout=True)
+
+
+def create_model(config, num_classes):
+  """Builds the Perceiver from a config (see configs/cifar100.py).
+
+  Args:
+    config: ConfigDict with image_size, patch_size, latent_dim, projection_dim,
+      num_heads, ffn_units, num_transformer_blocks, num_iterations,
+      classifier_units, dropout_rate, attention_dropout_rate and optionally
+      the fields of `OPTION_DEFAULTS` and `compute.CONFIG_DEFAULTS`
+      (defaults: the seed's model).
+    num_classes: width of the logits.
+
+  Returns:
+    An unbound `Perceiver`.
+  """
+  option = lambda name: config.get(name, OPTION_DEFAULTS[name])
+  dtype_name = option('dtype')
+  try:
+    dtype = jnp.dtype(dtype_name)
+  except TypeError as e:
+    raise ValueError(f'Unknown dtype {dtype_name!r} in config.') from e
+  return Perceiver(
+      image_size=config.image_size,
+      patch_size=config.patch_size,
+      latent_dim=config.latent_dim,
+      projection_dim=config.projection_dim,
+      num_heads=config.num_heads,
+      ffn_units=tuple(config.ffn_units),
+      num_transformer_blocks=config.num_transformer_blocks,
+      num_iterations=config.num_iterations,
+      classifier_units=tuple(config.classifier_units),
+      num_classes=num_classes,
+      dropout_rate=config.dropout_rate,
+      dtype=dtype,
+      compute=compute_lib.from_config(config),
+      **{name: option(name) for name in OPTION_DEFAULTS if name != 'dtype'},
+  )

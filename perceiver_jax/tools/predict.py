@@ -1,0 +1,148 @@
+"""`--mode=predict`: classify image files with the weights training tested.
+
+Each file (any format Pillow decodes: PNG, JPEG, ...; any size, mode and
+channel count) is brought to what the dataset's own images look like: EXIF
+orientation applied, transparency composited onto white, converted to the
+dataset's channels (grayscale 'L' or 'RGB'), and resized to the dataset's
+native size (CIFAR: 32 x 32) with Pillow's antialiased bilinear filter, whole
+image, aspect ratio not kept. From there it is exactly the evaluation path
+of training: `augment.preprocess_eval` with the workdir's normalisation
+statistics, then the model without dropout.
+"""
+
+import dataclasses
+from typing import Sequence
+import warnings
+
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+from PIL import UnidentifiedImageError
+
+from perceiver_jax import errors
+from perceiver_jax.data import input_pipeline
+from perceiver_jax.tools import trained as trained_lib
+
+TOP_K = 5
+_BATCH = 64  # Images per forward pass.
+
+
+# Pillow's decompression-bomb limit: a file may declare at most this many
+# pixels (89,478,485, about 9459 x 9459), however small the file itself is.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def load_image(path, height, width, channels):
+  """Decodes `path` into uint8 `[height, width, channels]` (see module doc).
+
+  Raises:
+    errors.InputError: one sentence naming the file and why it cannot be
+      used (missing, not an image, truncated, or declaring more than
+      `MAX_IMAGE_PIXELS` pixels).
+  """
+  try:
+    with warnings.catch_warnings():
+      # Above the limit Pillow only warns (an error from twice the limit).
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      with Image.open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+  except UnidentifiedImageError:
+    raise errors.InputError(
+        f'{path} is not an image Pillow can decode; pass PNG or JPEG files.'
+    ) from None
+  except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+    raise errors.InputError(
+        f'{path} declares more than {MAX_IMAGE_PIXELS:,} pixels, the limit '
+        'on decoded image size; pass a smaller image.') from None
+  except OSError as e:  # Missing, unreadable or truncated.
+    reason = e.strerror or str(e)
+    raise errors.InputError(f'Cannot read image {path}: {reason}.') from None
+  except Exception as e:  # pylint: disable=broad-except
+    # Pillow's decoders also raise SyntaxError, ValueError, EOFError, ...
+    # on malformed files; only Pillow's calls are inside this `try`.
+    raise errors.InputError(
+        f'Cannot read image {path}: {type(e).__name__}: {e}.') from None
+  if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
+    background = Image.new('RGBA', image.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(background, image.convert('RGBA'))
+  if channels == 1:
+    image = image.convert('L')
+  elif channels == 3:
+    image = image.convert('RGB')
+  else:
+    raise errors.InputError(
+        f'Images with {channels} channels are not supported; '
+        'the dataset must have 1 (grayscale) or 3 (RGB).')
+  if image.size != (width, height):
+    image = image.resize((width, height), Image.Resampling.BILINEAR)
+  array = np.asarray(image, np.uint8)
+  return array.reshape(height, width, channels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  path: str
+  classes: tuple[str, ...]  # Most probable first.
+  probabilities: tuple[float, ...]  # Softmax over all classes, descending.
+
+
+def top_k(probabilities, names, k=TOP_K):
+  """The `k` most probable (name, probability) pairs, most probable first."""
+  order = np.argsort(-probabilities, kind='stable')[:k]
+  return tuple(names[i] for i in order), tuple(
+      float(probabilities[i]) for i in order)
+
+
+def softmax(logits):
+  logits = np.asarray(logits, np.float64)
+  e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def load_images(paths, info):
+  """Every file decoded; each unusable file fails before the model loads."""
+  return np.stack([load_image(p, info.height, info.width, info.channels)
+                   for p in paths])
+
+
+def predict(trained, paths, k=TOP_K, images=None):
+  """Top-`k` classes of each image file, as a list of Prediction.
+
+  `images`: the files already decoded by `load_images`, if they are.
+  """
+  if images is None:
+    images = load_images(paths, trained.info)
+  probs = np.concatenate([softmax(trained.logits(images[i:i + _BATCH]))
+                          for i in range(0, len(images), _BATCH)])
+  return [Prediction(str(p), *top_k(q, trained.class_names, k))
+          for p, q in zip(paths, probs)]
+
+
+def format_prediction(prediction):
+  """`path` then one `  1. name  41.23%` line per class."""
+  width = max(len(c) for c in prediction.classes)
+  lines = [f'{prediction.path}:']
+  for rank, (name, p) in enumerate(
+      zip(prediction.classes, prediction.probabilities), start=1):
+    lines.append(f'  {rank}. {name:<{width}}  {p * 100:6.2f}%')
+  return '\n'.join(lines)
+
+
+def run(workdir, paths: Sequence[str], *, overrides=None, k=TOP_K):
+  """`--mode=predict`: checks the workdir and files, then prints the top `k`."""
+  if not paths:
+    raise errors.InputError('No images given; pass --images=a.png,b.jpg.')
+  trained_lib.check_workdir(workdir)
+  config = trained_lib.load_config(workdir, overrides)
+  # Decode everything first: a bad file fails in seconds, not after loading.
+  images = load_images(paths, input_pipeline.get_dataset_info(config))
+  trained = trained_lib.load(
+      workdir, overrides=overrides, mesh=trained_lib.single_device_mesh())
+  predictions = predict(trained, paths, k, images=images)
+  ema = ', EMA weights' if trained.uses_ema else ''
+  print(f'Top {k} classes by the {trained.checkpoint} checkpoint (step '
+        f'{trained.step}{ema}) of {workdir}:')
+  for prediction in predictions:
+    print(format_prediction(prediction))
+  return predictions

@@ -1,0 +1,286 @@
+"""A trained workdir for the tools: its config, statistics and tested weights.
+
+`--mode=eval`, `--mode=predict` and `--mode=attention` all start from what
+training left in the workdir rather than from the command line, so they see
+exactly the model, data and normalisation the weights were trained with:
+`config.json`, `normalization.json` and the checkpoint early stopping judged
+best (the weights the end of training tested). Only fields that change how,
+not what, is computed may be overridden
+(`config_lib.TOOL_OVERRIDABLE_FIELDS`).
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+from typing import Any, Optional, Sequence
+
+from etils import epath
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from perceiver_jax import config_lib
+from perceiver_jax import errors
+from perceiver_jax.data import augment
+from perceiver_jax.data import input_pipeline
+from perceiver_jax.model import perceiver
+from perceiver_jax.training import checkpointing
+from perceiver_jax.training import metrics as metrics_lib
+from perceiver_jax.training import recipe
+from perceiver_jax.training import sharding as sharding_lib
+from perceiver_jax.training import steps
+from perceiver_jax.training import workdir as workdir_lib
+
+
+
+def _no_run_error(workdir, missing):
+  return errors.InputError(
+      f'--workdir={workdir} has no {missing}, so it does not hold a trained '
+      'model (training writes config.json and normalization.json at its '
+      'start and a checkpoint after every epoch). Pass the --workdir of a '
+      'training run, e.g. one made with `python main.py --config=... '
+      '--workdir=DIR`.')
+
+
+def check_workdir(workdir):
+  """Fails fast, before anything heavy, unless `workdir` holds a trained run."""
+  path = epath.Path(workdir)
+  for name in (workdir_lib.CONFIG, workdir_lib.NORMALIZATION):
+    if not (path / name).exists():
+      raise _no_run_error(workdir, name)
+  checkpoints = path / workdir_lib.CHECKPOINTS
+  if not (checkpoints.exists() and any(
+      p.name.isdigit() for p in checkpoints.iterdir())):
+    raise _no_run_error(workdir, 'checkpoint')
+  return path
+
+
+def load_config(workdir, overrides=None):
+  """The saved config of the run, overridden only in the tools' fields.
+
+  Only `config_lib.TOOL_OVERRIDABLE_FIELDS` may be overridden.
+
+  Args:
+    workdir: a training run's workdir.
+    overrides: `{field: value}`, e.g. the `--config.FIELD=` flags.
+
+  Returns:
+    A validated ConfigDict.
+  """
+  path = epath.Path(workdir) / workdir_lib.CONFIG
+  if not path.exists():
+    raise _no_run_error(workdir, workdir_lib.CONFIG)
+  saved = config_lib.upgrade(json.loads(path.read_text()))
+  overrides = dict(overrides or {})
+  refused = sorted(set(overrides) - set(config_lib.TOOL_OVERRIDABLE_FIELDS))
+  if refused:
+    raise errors.InputError(
+        f'--config.{refused[0]} cannot be overridden here: the tools use the '
+        f'config the weights were trained with ({path}). Only '
+        f'{", ".join(config_lib.TOOL_OVERRIDABLE_FIELDS)} may change; drop '
+        + ', '.join(f'--config.{f}' for f in refused) + '.')
+  for name, value in overrides.items():
+    if saved.get(name) != value:
+      logging.info('Overriding the saved config: %s %r -> %r.', name,
+                   saved.get(name), value)
+    saved[name] = value
+  return config_lib.validate(ml_collections.ConfigDict(saved))
+
+
+def load_stats(workdir):
+  """The training split's per-channel mean and variance, as training used."""
+  path = epath.Path(workdir) / workdir_lib.NORMALIZATION
+  if not path.exists():
+    raise _no_run_error(workdir, workdir_lib.NORMALIZATION)
+  return workdir_lib.stats_arrays(json.loads(path.read_text()))
+
+
+def class_names(workdir, info):
+  """Class names, from the workdir's `class_names.json` if it has one.
+
+  Otherwise the dataset's (as tfds knows them here) are written there, so a
+  workdir copied to a machine without the prepared dataset keeps its names
+  (before preparation tfds may only know '0', '1', ...).
+  """
+  path = epath.Path(workdir) / workdir_lib.CLASS_NAMES
+  if path.exists():
+    names = tuple(json.loads(path.read_text()))
+    if len(names) == info.num_classes:
+      return names
+    logging.warning('%s lists %d names for %d classes; using the dataset\'s.',
+                    path, len(names), info.num_classes)
+  try:
+    metrics_lib.write_json(path, list(info.class_names))
+  except OSError as e:  # A read-only workdir still works.
+    logging.warning('Could not write %s (%s).', path, e)
+  return info.class_names
+
+
+def _newest_meta(manager, steps):
+  """The meta of the newest checkpoint whose meta reads, and its step."""
+  for step in steps:
+    try:
+      return step, manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Checkpoint %s/%d is unreadable (%s); trying the '
+                      'previous one.', manager.directory, step, e)
+  raise errors.InputError(
+      f'No checkpoint in {manager.directory} can be read; the run must be '
+      'trained again (or its checkpoints restored from a backup).')
+
+
+def select_checkpoint(manager, restore_best=True):
+  """`(step, description)` of the weights training tested.
+
+  With `restore_best` (the run's `early_stopping.restore_best_weights`) that
+  is the early-stopping best, which the newest checkpoint's meta records, as
+  training's final test reads it (orbax keeps its own best marker in memory
+  only). With no best recorded, or its checkpoint gone, the latest is used,
+  with a warning. Without `restore_best` training tested its final weights:
+  the latest checkpoint.
+  """
+  manager.reload()
+  all_steps = sorted(manager.all_steps(), reverse=True)
+  step, meta = _newest_meta(manager, all_steps)
+  if not restore_best:
+    return step, 'latest'
+  best = meta.get(checkpointing.BEST_MARKER)
+  if best is not None and best in all_steps:
+    return best, 'best'
+  reason = ('no epoch has finished, so no best is recorded' if best is None
+            else f'the best checkpoint (step {best}) was deleted')
+  logging.warning('%s in %s; using the latest checkpoint, step %d.',
+                  reason[0].upper() + reason[1:], manager.directory, step)
+  return step, 'latest'
+
+
+def _restore_for_tools(manager, abstract, restore_best):
+  """`(step, which, state, meta)`: `select_checkpoint`'s choice, restored.
+
+  A damaged choice is reported and skipped: the next readable checkpoint,
+  newest first, is used instead (with a warning, since those are not the
+  weights training tested).
+  """
+  first = select_checkpoint(manager, restore_best)
+  others = [(s, 'last readable') for s in sorted(manager.all_steps(),
+                                                 reverse=True)
+            if s != first[0]]
+  failures = []
+  for step, which in [first] + others:
+    try:
+      state, meta = checkpointing.restore(manager, step, abstract)
+    except Exception as e:  # pylint: disable=broad-except
+      first_line = (str(e).strip().splitlines() or [''])[0][:200]
+      failures.append(f'step {step}: {type(e).__name__}: {first_line}')
+      logging.warning('The %s checkpoint %s/%d is unreadable (%s); trying '
+                      'the newest other one.', which, manager.directory, step,
+                      failures[-1])
+      continue
+    if failures:
+      logging.warning('Using checkpoint %s/%d instead of the %s one: these '
+                      'are not the weights training tested.',
+                      manager.directory, step, first[1])
+    return step, which, state, meta
+  raise errors.InputError(
+      f'No checkpoint in {manager.directory} could be restored ('
+      + '; '.join(failures) + '). Was the run written by a different version '
+      'of the model or train-state code?')
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  """A workdir's model with its restored weights and everything to run it."""
+  workdir: Any
+  config: ml_collections.ConfigDict
+  info: input_pipeline.DatasetInfo
+  class_names: Sequence[str]
+  stats: dict
+  model: Any
+  state: Any  # steps.TrainState, restored into `state_shardings` on `mesh`.
+  state_shardings: Any
+  mesh: Any
+  step: int
+  checkpoint: str  # 'best', 'latest' or 'last readable'.
+  epoch: Optional[int]
+
+  @property
+  def params(self):
+    """The weights to evaluate: the EMA's when the run kept them, as
+    training's validation and test use (`recipe.eval_params`)."""
+    return recipe.eval_params(self.state)
+
+  @property
+  def uses_ema(self):
+    return self.params is not self.state.params
+
+  @property
+  def image_shape(self):
+    """Native `(height, width, channels)` of the dataset's images."""
+    return self.info.height, self.info.width, self.info.channels
+
+  def preprocess(self, images):
+    """Raw uint8 `[n, height, width, channels]` as evaluation sees them."""
+    return augment.preprocess_eval(images, self.stats['mean'],
+                                   self.stats['variance'],
+                                   self.config.image_size)
+
+  @functools.cached_property
+  def _logits(self):
+    return jax.jit(lambda params, images: self.model.apply(
+        {'params': params}, self.preprocess(images), train=False))
+
+  def logits(self, images):
+    """float32 logits of raw uint8 images, as `--mode=eval` computes them."""
+    return np.asarray(self._logits(self.params, np.asarray(images)))
+
+
+def _abstract_state(config, model, image_shape, mesh):
+  """Restore targets of the train state without initialising it."""
+  abstract = jax.eval_shape(
+      lambda: steps.create_train_state(config, model, image_shape, mesh)[0])
+  shardings = sharding_lib.tree_shardings(abstract, mesh)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract, shardings), shardings
+
+
+def load(workdir, *, overrides=None, mesh=None):
+  """Restores the weights a workdir's training tested (`select_checkpoint`).
+
+  Args:
+    workdir: a training run's workdir.
+    overrides: config overrides, see `load_config`.
+    mesh: where to place the weights; default every device.
+
+  Returns:
+    A TrainedModel.
+  """
+  path = check_workdir(workdir)
+  config = load_config(workdir, overrides)
+  stats = load_stats(workdir)
+  info = input_pipeline.get_dataset_info(config)
+  mesh = sharding_lib.create_mesh() if mesh is None else mesh
+  model = perceiver.create_model(config, info.num_classes)
+  image_shape = (config.image_size, config.image_size, info.channels)
+  abstract, shardings = _abstract_state(config, model, image_shape, mesh)
+  manager = checkpointing.create_manager(
+      (path / workdir_lib.CHECKPOINTS).resolve(),
+      max_to_keep=config.checkpoint_max_to_keep)
+  try:
+    step, which, state, meta = _restore_for_tools(
+        manager, abstract, config.early_stopping.restore_best_weights)
+  finally:
+    manager.close()
+  return TrainedModel(
+      workdir=path, config=config, info=info,
+      class_names=class_names(path, info), stats=stats, model=model,
+      state=state, state_shardings=shardings, mesh=mesh, step=int(step),
+      checkpoint=which, epoch=meta.get('epoch'))
+
+
+def single_device_mesh():
+  """A mesh of this process's first device, for the single-host tools."""
+  return sharding_lib.create_mesh(jax.local_devices()[:1])

@@ -1,0 +1,156 @@
+"""Orbax checkpoints: atomic saves, the latest few plus the best, exact resume.
+
+A checkpoint holds two items: `state` (step, parameters and optimiser state,
+learning rate included, saved as sharded arrays) and `meta` (JSON: epoch,
+plateau and early-stopping state, the metric history, partial-epoch metric
+sums). The data order and every random key derive from (seed, step), so these
+two items are all a resumed run needs to continue exactly.
+
+Orbax writes each step into a temporary directory and renames it when
+complete, so a crash mid-write never leaves a checkpoint that looks valid.
+A finished checkpoint whose files were damaged later is set aside once an
+older one restores (`restore_latest`), so it never blocks the run.
+"""
+
+import json
+import logging
+
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from perceiver_jax import checks
+from perceiver_jax import errors
+
+BEST_MARKER = 'best_step'
+# The checkpoint options, as the config takes them.
+RULES = {
+    'checkpoint_max_to_keep': checks.positive_int(example=3),
+    'checkpoint_every_steps': checks.non_negative_int(
+        '0: only at epoch ends', example=1000),
+}
+
+
+def create_manager(directory, *, max_to_keep):
+  """Keeps the latest `max_to_keep` checkpoints and the early-stopping best.
+
+  Epoch-end saves carry the metric `best_step`: their step when early
+  stopping judged the epoch an improvement, else -1. The checkpoint where it
+  is highest is the latest improvement, i.e. the best by Keras'
+  EarlyStopping (min_delta included) rather than by raw val_loss.
+  """
+  preservation = policies.AnyPreservationPolicy([
+      policies.LatestN(max_to_keep),
+      policies.BestN(get_metric_fn=lambda m: m[BEST_MARKER], n=1,
+                     keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=preservation, create=True,
+      enable_async_checkpointing=True,
+      # Without best_fn orbax does not persist the metrics, and a manager
+      # reopened on resume would no longer know which checkpoint is best.
+      best_fn=lambda m: m[BEST_MARKER], best_mode='max')
+  return ocp.CheckpointManager(directory, options=options,
+                               item_names=('state', 'meta'))
+
+
+def save(manager, step, state, meta, *, is_best=None):
+  """Starts an (asynchronous) save.
+
+  `is_best` is None for mid-epoch saves, else whether this epoch improved.
+  """
+  metrics = None if is_best is None else {
+      BEST_MARKER: float(step if is_best else -1)}
+  meta = json.loads(json.dumps(meta))  # A snapshot: the save is asynchronous.
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+               metrics=metrics, force=True)
+
+
+def restore(manager, step, abstract_state):
+  """`(state, meta)` of `step`, in the shardings of `abstract_state`."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      meta=ocp.args.JsonRestore()))
+  return restored['state'], restored['meta']
+
+
+class NoUsableCheckpointError(errors.InputError):
+  """Checkpoints exist but none restores: refuse to silently start over."""
+
+
+UNREADABLE_SUFFIX = '.unreadable'  # Not a step name: orbax ignores it.
+
+
+def _all_agree(ok):
+  """True on every process iff `ok` is True on every process."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+
+
+def set_aside(manager, step):
+  """Renames checkpoint `step` to `<step>.unreadable[-k]`; returns the path.
+
+  The files stay for inspection, but orbax no longer counts the step, so a
+  resumed run can save that step again instead of stopping at "checkpoint
+  already exists". Process 0 renames; every process then reloads.
+  """
+  directory = epath.Path(manager.directory)
+  target = directory / f'{step}{UNREADABLE_SUFFIX}'
+  k = 0
+  while target.exists():
+    k += 1
+    target = directory / f'{step}{UNREADABLE_SUFFIX}-{k}'
+  if jax.process_index() == 0:
+    (directory / str(step)).rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'perceiver_jax.set_aside.{step}')
+  manager.reload()
+  return target
+
+
+def restore_latest(manager, abstract_state):
+  """The newest checkpoint that restores, or None when there is none.
+
+  A checkpoint that fails to restore on any process (truncated or corrupted
+  files) is reported by name and the next older one is tried. Once an older
+  one restores, the newer unreadable ones are set aside (`set_aside`), so a
+  damaged checkpoint costs only the work since the one before it and the
+  run trains past its step. If none restores, nothing is moved (the cause
+  may be the code, not the files) and the run stops rather than start over.
+  """
+  manager.reload()
+  steps = sorted(manager.all_steps(), reverse=True)
+  unreadable = []
+  for step in steps:
+    try:
+      restored, error = restore(manager, step, abstract_state), None
+    except Exception as e:  # pylint: disable=broad-except
+      restored, error = None, e
+    if not _all_agree(error is None):
+      reason = (f'{type(error).__name__}: {str(error)[:500]}' if error
+                else 'unreadable on another process')
+      logging.warning('Checkpoint %s/%d is unreadable (%s); trying the '
+                      'previous one.', manager.directory, step, reason)
+      unreadable.append(step)
+      continue
+    for bad in unreadable:
+      logging.warning('Moved the unreadable checkpoint %s/%d to %s; '
+                      'resuming from step %d.', manager.directory, bad,
+                      set_aside(manager, bad), step)
+    return restored
+  if steps:
+    raise NoUsableCheckpointError(
+        f'None of the checkpoints {steps} in {manager.directory} could be '
+        'restored into this model (see the warnings above). Use a new '
+        '--workdir, or move the checkpoints away to start over.')
+  return None
+
+
+def abstract(tree):
+  """Shape, dtype and sharding of every leaf, as orbax restore targets."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

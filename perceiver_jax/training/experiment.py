@@ -1,0 +1,166 @@
+"""An experiment, set up: everything built from (config, workdir) before step 1.
+
+Cheap checks come first: config, workdir, resume compatibility, dataset and
+device count all fail before any data is read or compiled. Then the data,
+its normalisation statistics (computed once per workdir, with a record of
+the data they describe), the model, the train state and the jitted steps,
+the learning-rate schedule and the checkpoint manager.
+"""
+
+import logging
+
+from jax.experimental import multihost_utils
+import numpy as np
+
+from perceiver_jax import config_lib
+from perceiver_jax import errors
+from perceiver_jax.data import input_pipeline
+from perceiver_jax.data import splits as splits_lib
+from perceiver_jax.model import perceiver
+from perceiver_jax.training import callbacks
+from perceiver_jax.training import checkpointing
+from perceiver_jax.training import metrics as metrics_lib
+from perceiver_jax.training import recipe
+from perceiver_jax.training import resume
+from perceiver_jax.training import sharding as sharding_lib
+from perceiver_jax.training import steps
+from perceiver_jax.training import workdir as workdir_lib
+
+
+def data_source(config, pipeline):
+  """What the training statistics are computed on, as JSON-able values."""
+  info = pipeline.info
+  return {'dataset': info.name, 'version': info.version,
+          'mock_data': bool(config.mock_data),
+          'validation_split': config.validation_split,
+          'image_shape': [info.height, info.width, info.channels],
+          'num_examples': {s: getattr(pipeline, f'num_{s}_examples')
+                           for s in splits_lib.SPLITS}}
+
+
+def _differences(recorded, current, prefix=''):
+  """'key: recorded -> current' for every leaf where the two differ."""
+  lines = []
+  for key in sorted(set(recorded) | set(current)):
+    a, b = recorded.get(key, '<unset>'), current.get(key, '<unset>')
+    if isinstance(a, dict) and isinstance(b, dict):
+      lines += _differences(a, b, f'{prefix}{key}.')
+    elif a != b:
+      lines.append(f'{prefix}{key}: {a!r} -> {b!r}')
+  return lines
+
+
+_REUSE, _COMPUTE, _REFUSE = 0, 1, 2
+
+
+def normalization_stats(workdir, config, pipeline, has_checkpoints):
+  """Per-channel mean and variance of the training split, computed once.
+
+  Saved in the workdir with what they were computed on (`data_source`), so
+  a resumed run normalises exactly as before. Statistics of other data (a
+  run that stopped before its first checkpoint, then a new one on another
+  dataset or split in the same workdir) are recomputed; with checkpoints
+  present they are refused, since the weights were trained on that data.
+  """
+  path = workdir / workdir_lib.NORMALIZATION
+  source = data_source(config, pipeline)
+  saved = workdir_lib.read_json(workdir, workdir_lib.NORMALIZATION)
+  differences = []
+  if saved is None:
+    action = _COMPUTE
+  elif 'source' not in saved:  # Written before sources were recorded.
+    action = _REUSE if has_checkpoints else _COMPUTE
+  else:
+    differences = _differences(saved['source'], source)
+    action = (_REUSE if not differences else
+              _REFUSE if has_checkpoints else _COMPUTE)
+  # Process 0 decides, so every process takes the same (collective) branch.
+  action = int(multihost_utils.broadcast_one_to_all(np.int32(action)))
+  if action == _REFUSE:
+    raise errors.InputError(
+        f'{path} holds the statistics of the data the checkpoints in '
+        f'{workdir} were trained on, and this run reads other data ('
+        + '; '.join(differences or ['see process 0']) + '). Pass the data '
+        'the run was trained on (e.g. its config.tfds_data_dir), or use a '
+        'new --workdir.')
+  if action == _REUSE:
+    stats = saved
+  else:
+    if differences:
+      logging.warning('%s was computed on other data (%s); recomputing it.',
+                      path, '; '.join(differences))
+    stats = {k: np.asarray(v, np.float64).tolist()
+             for k, v in pipeline.normalization_stats().items()}
+    metrics_lib.write_json(path, dict(stats, source=source))
+  return workdir_lib.stats_arrays(stats)
+
+
+def initial_meta(config):
+  """The meta of a run before its first step (see checkpointing.py)."""
+  return {
+      'epoch': 0,  # Completed epochs (validation done, checkpoint saved).
+      'epoch_sums': None,  # Train metric sums of a partly done epoch.
+      'plateau': callbacks.to_dict(
+          callbacks.plateau_init(config.learning_rate)),
+      'early_stopping': callbacks.to_dict(callbacks.EarlyStoppingState()),
+      'best_step': None,
+      'history': [],
+      # The configured rate, so a resume can tell when it changes.
+      'config_learning_rate': config.learning_rate,
+  }
+
+
+class Experiment:
+  """Everything built from (config, workdir) before the first step runs.
+
+  The order is cheap checks first: config, workdir, resume compatibility,
+  dataset and device count all fail before any data is read or compiled.
+  """
+
+  def __init__(self, config, workdir):
+    config_lib.validate(config)
+    self.config = config
+    self.workdir = workdir_lib.prepare(workdir)
+    self.saved_config = workdir_lib.read_json(self.workdir, workdir_lib.CONFIG)
+    resume.check_compatible(self.workdir, config, self.saved_config)
+    input_pipeline.get_dataset_info(config)  # Validates name and features.
+    self.mesh = sharding_lib.create_mesh()
+    sharding_lib.check_batch_size(config.batch_size, self.mesh)
+    metrics_lib.write_json(self.workdir / workdir_lib.CONFIG,
+                           config.to_dict())
+    input_pipeline.prepare(config)
+    self.pipeline = input_pipeline.Pipeline(
+        config, num_shards=self.mesh.devices.size,
+        shard_indices=sharding_lib.local_shard_indices(self.mesh))
+    self.info = self.pipeline.info  # Class names are known once prepared.
+    self.stats = normalization_stats(self.workdir, config, self.pipeline,
+                                     workdir_lib.has_checkpoints(self.workdir))
+    self.model = perceiver.create_model(config, self.info.num_classes)
+    image_shape = (config.image_size, config.image_size, self.info.channels)
+    self.state, self.state_shardings = steps.create_train_state(
+        config, self.model, image_shape, self.mesh)
+    self.train_step, self.eval_step = steps.jit_steps(
+        config, self.stats, self.mesh, self.state_shardings)
+    self.learning_rates = recipe.LearningRates(config,
+                                               self.pipeline.steps_per_epoch)
+    self.manager = checkpointing.create_manager(
+        (self.workdir / workdir_lib.CHECKPOINTS).resolve(),
+        max_to_keep=config.checkpoint_max_to_keep)
+    self.writer = metrics_lib.SummaryWriter(
+        str(self.workdir / workdir_lib.TENSORBOARD))
+
+  def restore_or_init(self):
+    """The latest good checkpoint's (state, meta), else the fresh ones."""
+    restored = checkpointing.restore_latest(
+        self.manager, checkpointing.abstract(self.state))
+    if restored is None:
+      return self.state, initial_meta(self.config)
+    state, meta = restored
+    logging.info('Resuming from step %d (epoch %d done).', int(state.step),
+                 meta['epoch'])
+    return resume.adopt_config(state, meta, self.config, self.saved_config)
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.writer.close()
+    self.manager.close()

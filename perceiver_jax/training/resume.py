@@ -1,0 +1,169 @@
+"""What a resumed run keeps from its workdir and what it takes from the config.
+
+A rerun with the same workdir continues from the newest checkpoint. Fields
+that define the model or its data must equal the saved run's
+(`resume_conflicts`); the others may change, and each such change
+takes effect, none is silently ignored:
+
+* `learning_rate` under the plateau controller: the checkpoint holds the
+  controller's current rate, so a new configured rate replaces it (its
+  patience and best value are kept). Under a schedule the rate follows the
+  new config by construction.
+* `weight_decay`: the optimiser state carries it as a hyperparameter, which
+  is set to the new value.
+* `early_stopping.*`: applied from the next epoch on. A run that had
+  stopped early trains on when the new patience exceeds its epochs without
+  improvement (with that patience Keras would not have stopped).
+"""
+
+import dataclasses
+import json
+import logging
+
+import jax
+import numpy as np
+
+from perceiver_jax import config_lib
+from perceiver_jax.training import callbacks
+from perceiver_jax.training import recipe
+from perceiver_jax.training import workdir as workdir_lib
+
+# Fields that may change when a run resumes: they steer training, logging or
+# speed but leave the model, its data and the example order as they were.
+# Any other difference would not fit the checkpoints (or silently change the
+# run), so resuming refuses it.
+# weight_decay_mask, grad_clip_norm and ema_decay change the optimiser state
+# or the EMA copy the checkpoint holds, so they may not change.
+RESUMABLE_FIELDS = (
+    'num_epochs', 'log_every_steps', 'checkpoint_max_to_keep',
+    'checkpoint_every_steps', 'tfds_data_dir', 'dtype', 'attention_impl',
+    'attention_form', 'dropout_bits', 'remat', 'learning_rate', 'weight_decay',
+    'plateau', 'early_stopping', 'lr_schedule', 'warmup_epochs',
+    'min_learning_rate', 'label_smoothing', 'mixup_alpha', 'cutmix_alpha',
+    'mix_prob', 'randaugment_num_ops', 'randaugment_magnitude',
+)
+
+
+def _flatten(d, prefix=''):
+  flat = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      flat.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      flat[f'{prefix}{k}'] = v
+  return flat
+
+
+def resume_conflicts(saved, config):
+  """Fields where `config` differs from the `saved` config dict of a workdir.
+
+  A field one side lacks counts as its default
+  (`config_lib.added_field_defaults`), so
+  a workdir saved before a field existed resumes only while the field keeps
+  its default, unless the field may change anyway. A missing field with no
+  default is a difference.
+
+  Returns `(conflicts, allowed)`: lists of 'field: saved -> new' strings, the
+  first for fields that forbid resuming, the second for those that may change.
+  """
+  saved = _flatten(json.loads(json.dumps(config_lib.upgrade(saved))))
+  new = _flatten(json.loads(json.dumps(config.to_dict())))
+  defaults = json.loads(json.dumps(config_lib.added_field_defaults()))
+  unset = object()
+
+  def value(flat, name):
+    return flat[name] if name in flat else defaults.get(name, unset)
+
+  def shown(flat, name):
+    if name in flat:
+      return repr(flat[name])
+    if name in defaults:
+      return f'<unset: default {defaults[name]!r}>'
+    return '<unset>'
+
+  conflicts, allowed = [], []
+  for name in sorted(set(saved) | set(new)):
+    if value(saved, name) == value(new, name) is not unset:
+      continue
+    line = f'{name}: {shown(saved, name)} -> {shown(new, name)}'
+    resumable = name.split('.')[0] in RESUMABLE_FIELDS
+    (allowed if resumable else conflicts).append(line)
+  return conflicts, allowed
+
+
+def check_compatible(workdir, config, saved):
+  """Refuses a workdir whose checkpoints belong to a different model or data."""
+  if saved is None or not workdir_lib.has_checkpoints(workdir):
+    return
+  conflicts, allowed = resume_conflicts(saved, config)
+  if conflicts:
+    raise config_lib.ConfigError(
+        f'--workdir={workdir} holds checkpoints of a run with a different '
+        'model or data, so it cannot resume with this config. Differing '
+        'fields (saved -> requested):\n  - ' + '\n  - '.join(conflicts) +
+        '\nUse a new --workdir, or pass the saved values (see '
+        f'{workdir / workdir_lib.CONFIG}).')
+  if allowed:
+    logging.warning('Resuming with changed training settings: %s',
+                    '; '.join(allowed))
+
+
+def _set_weight_decay(state, value):
+  hyperparams = state.opt_state.hyperparams
+  old = hyperparams['weight_decay']
+  new = jax.device_put(np.asarray(value, old.dtype), old.sharding)
+  return state.replace(opt_state=state.opt_state._replace(
+      hyperparams=dict(hyperparams, weight_decay=new)))
+
+
+def adopt_config(state, meta, config, saved):
+  """`(state, meta)` of a checkpoint, with the config's resumable changes.
+
+  Args:
+    state: the restored train state.
+    meta: the restored meta dict (updated in place and returned).
+    config: the config of this run.
+    saved: the config dict the workdir held before this run, or None.
+
+  Returns:
+    `(state, meta)`, with the changes the module docstring lists applied.
+  """
+  # The configured rate the checkpoint was trained under; older checkpoints
+  # did not record it, their workdir's config.json did.
+  trained_lr = meta.get('config_learning_rate',
+                        (saved or {}).get('learning_rate',
+                                          config.learning_rate))
+  if (recipe.option(config, 'lr_schedule') == 'plateau'
+      and trained_lr != config.learning_rate):
+    plateau = callbacks.from_dict(callbacks.PlateauState, meta['plateau'])
+    logging.warning(
+        'learning_rate %g -> %g: the plateau controller continues from %g '
+        '(it was at %g; its patience count is kept).', trained_lr,
+        config.learning_rate, config.learning_rate, plateau.learning_rate)
+    meta['plateau'] = callbacks.to_dict(dataclasses.replace(
+        plateau, learning_rate=float(config.learning_rate)))
+  meta['config_learning_rate'] = config.learning_rate
+
+  decay = np.float32(config.weight_decay)
+  held = np.asarray(state.opt_state.hyperparams['weight_decay'])
+  if held != decay:
+    logging.warning('weight_decay %g -> %g takes effect from this step.',
+                    held, decay)
+    state = _set_weight_decay(state, decay)
+
+  stopping = callbacks.from_dict(callbacks.EarlyStoppingState,
+                                 meta['early_stopping'])
+  patience = config.early_stopping.patience
+  if stopping.should_stop and stopping.wait < patience:
+    logging.warning(
+        'The run had stopped early after epoch %d (%d epochs without '
+        'improvement); early_stopping.patience=%d lets it train on.',
+        stopping.stopped_epoch, stopping.wait, patience)
+    meta['early_stopping'] = callbacks.to_dict(dataclasses.replace(
+        stopping, stopped_epoch=0))
+  elif stopping.should_stop:
+    logging.info(
+        'The run stopped early after epoch %d (%d epochs without '
+        'improvement); pass --config.early_stopping.patience=%d or more to '
+        'train on.', stopping.stopped_epoch, stopping.wait, stopping.wait + 1)
+  return state, meta

@@ -1,0 +1,176 @@
+"""Train state, optimiser and the jitted train and eval steps.
+
+Importable without tensorflow, so benchmarks and accelerator checks can run
+where only JAX is installed. The steps take raw uint8 batches; normalisation
+and augmentation run inside the step (see `augment.py`), keyed by
+`fold_in(key(seed), step)`, so a run is reproducible from (seed, step) alone.
+The recipe options beyond the seed (recipe.py, mixing.py, randaugment.py)
+are static: off, they leave the seed's step exactly as it was.
+"""
+
+import functools
+from typing import Any
+
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import optax
+
+from perceiver_jax import checks
+from perceiver_jax.data import augment
+from perceiver_jax.data import mixing
+from perceiver_jax.data import randaugment
+from perceiver_jax.training import recipe
+from perceiver_jax.training import sharding as sharding_lib
+
+
+# The step's options, as the config takes them: every key and the example
+# order derive from the seed.
+RULES = {'seed': checks.non_negative_int(example=0)}
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState; the optimiser carries the learning rate as a hyperparam.
+
+  `ema_params` is the moving average of the weights when `config.ema_decay`
+  is set (checkpointed with the rest, so resuming stays exact), else None.
+  """
+  ema_params: Any = None
+
+
+def step_rngs(seed, step):
+  """(augmentation, dropout) keys of one step: a pure function of seed, step."""
+  rng = jax.random.fold_in(jax.random.key(seed), step)
+  return jax.random.split(rng)
+
+
+def create_train_state(config, model, image_shape, mesh, rules=()):
+  """Initialises parameters and optimiser state directly in their shardings."""
+  tx = recipe.create_optimizer(config)
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+
+  def init():
+    params = model.init({'params': jax.random.key(config.seed)}, dummy,
+                        train=False)['params']
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                             ema_params=recipe.initial_ema(config, params))
+
+  abstract = jax.eval_shape(init)
+  shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
+  return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def _metric_sums(logits, labels, mask, losses=None):
+  """Per-batch sums (not means), so partial and padded batches add up exactly.
+
+  `losses` defaults to the plain cross-entropy against `labels`.
+  """
+  if losses is None:
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  k = min(5, logits.shape[-1])
+  top_k = jax.lax.top_k(logits, k)[1]
+  correct = top_k == labels[:, None]
+  mask = mask.astype(jnp.float32)
+  return {
+      'loss': jnp.sum(losses * mask),
+      'accuracy': jnp.sum(correct[:, 0] * mask),
+      'top5_accuracy': jnp.sum(jnp.any(correct, axis=-1) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+def set_learning_rate(state, learning_rate):
+  """Returns `state` with the optimiser's injected learning rate replaced."""
+  hyperparams = state.opt_state.hyperparams
+  hyperparams = dict(hyperparams, learning_rate=jnp.asarray(
+      learning_rate, hyperparams['learning_rate'].dtype))
+  return state.replace(
+      opt_state=state.opt_state._replace(hyperparams=hyperparams))
+
+
+def augment_train(augment_key, batch, config, stats):
+  """[RandAugment on the raw images ->] the seed's augmentation [-> mixing].
+
+  Returns `(images, mix)`; `mix` is None unless MixUp / CutMix is on. The
+  recipe options draw from keys folded out of `augment_key`, so the seed's own
+  draws (flip, zoom) are the same whether they are on or not.
+  """
+  images = batch['image']
+  num_ops = recipe.option(config, 'randaugment_num_ops')
+  if num_ops:
+    images = randaugment.rand_augment(
+        jax.random.fold_in(augment_key, 1), images, num_ops,
+        recipe.option(config, 'randaugment_magnitude'))
+  images = augment.preprocess_train(augment_key, images, stats['mean'],
+                                    stats['variance'], config.image_size)
+  mixup_alpha = recipe.option(config, 'mixup_alpha')
+  cutmix_alpha = recipe.option(config, 'cutmix_alpha')
+  if not (mixup_alpha or cutmix_alpha):
+    return images, None
+  return mixing.mix_batch(
+      jax.random.fold_in(augment_key, 2), images, batch['label'],
+      mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+      mix_prob=recipe.option(config, 'mix_prob'))
+
+
+def train_step(state, batch, learning_rate, *, config, stats):
+  """One LAMB step on a global batch; returns the new state and metric sums.
+
+  The reported loss is the training objective (smoothed and mixed targets
+  when those are on); accuracies count against the batch's own labels,
+  also when its images are mixed.
+  """
+  augment_key, dropout_key = step_rngs(config.seed, state.step)
+  images, mix = augment_train(augment_key, batch, config, stats)
+  labels = batch['label']
+
+  def loss_fn(params):
+    logits = state.apply_fn({'params': params}, images, train=True,
+                            rngs={'dropout': dropout_key})
+    losses = recipe.train_losses(config, logits, labels, mix)
+    return jnp.mean(losses), (logits, losses)
+
+  grads, (logits, losses) = jax.grad(loss_fn, has_aux=True)(state.params)
+  state = set_learning_rate(state, learning_rate).apply_gradients(grads=grads)
+  ema_decay = recipe.option(config, 'ema_decay')
+  if ema_decay:
+    state = state.replace(ema_params=recipe.ema_update(
+        state.ema_params, state.params, ema_decay))
+  metrics = _metric_sums(logits, labels, jnp.ones_like(labels), losses)
+  # Norms let the host stop a diverging run at the step it diverged.
+  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['param_norm'] = optax.global_norm(state.params)
+  return state, metrics
+
+
+def eval_step(state, batch, *, config, stats):
+  """Metric sums over the real (mask 1) examples of a padded eval batch.
+
+  Uses the EMA weights when they are kept (`recipe.eval_params`).
+  """
+  images = augment.preprocess_eval(batch['image'], stats['mean'],
+                                   stats['variance'], config.image_size)
+  logits = state.apply_fn({'params': recipe.eval_params(state)}, images,
+                          train=False)
+  return _metric_sums(logits, batch['label'], batch['mask'])
+
+
+def jit_steps(config, stats, mesh, state_shardings):
+  """Jitted, sharded train and eval steps; the train step donates its state."""
+  stats = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), stats)
+  batch = sharding_lib.data_sharding(mesh)
+  repl = sharding_lib.replicated(mesh)
+  train = jax.jit(
+      functools.partial(train_step, config=config, stats=stats),
+      in_shardings=(state_shardings, batch, repl),
+      out_shardings=(state_shardings, repl),
+      donate_argnums=(0,))
+  evaluate = jax.jit(
+      functools.partial(eval_step, config=config, stats=stats),
+      in_shardings=(state_shardings, batch), out_shardings=repl)
+  return train, evaluate
+
+
+def count_params(params):
+  return sum(x.size for x in jax.tree.leaves(params))
+

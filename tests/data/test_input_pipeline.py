@@ -1,0 +1,354 @@
+"""perceiver_jax.input_pipeline on a tiny real CIFAR-100 and on tfds mock data.
+
+The real one (tests/tfds_fixtures.py) is prepared offline by tfds' own
+cifar100 builder; its examples carry their id in pixel (0, 0), so every
+example the pipeline returns can be traced back to the fake archive.
+"""
+
+import concurrent.futures
+import functools
+import threading
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import fake_data
+from perceiver_jax.data import input_pipeline
+from tests.data import tfds_fixtures
+
+# pylint: disable=redefined-outer-name  (pytest fixtures as arguments)
+
+tfds.disable_progress_bar()
+
+
+def ids(images):
+  """The id written into each fake image by tfds_fixtures.fake_examples."""
+  return images[..., 0, 0, 0].astype(int) * 256 + images[..., 0, 0, 1]
+
+
+@functools.cache
+def _cached_pipeline(data_dir, num_shards, shard_indices, overrides):
+  config = tfds_fixtures.make_config(data_dir, **dict(overrides))
+  return input_pipeline.Pipeline(config, num_shards=num_shards,
+                                 shard_indices=shard_indices)
+
+
+def pipeline(fake, num_shards=4, shard_indices=(0, 1, 2, 3), **overrides):
+  """Pipelines hold no state once built, so tests share them."""
+  overrides.setdefault('batch_size', 8)
+  return _cached_pipeline(fake.data_dir, num_shards, tuple(shard_indices),
+                          tuple(sorted(overrides.items())))
+
+
+@pytest.fixture(scope='module')
+def stored(fake_cifar100):
+  """Ids of tfds 'train' and 'test' in tfds' stored order, read by tfds."""
+  builder = tfds.builder('cifar100', data_dir=fake_cifar100.data_dir)
+  read_config = tfds.ReadConfig(interleave_cycle_length=1)
+  return {s: np.array([ids(ex['image']) for ex in tfds.as_numpy(
+      builder.as_dataset(s, shuffle_files=False, read_config=read_config))])
+          for s in ('train', 'test')}
+
+
+def expected_split(stored_ids, split, validation_split=0.1):
+  n = len(stored_ids['train'])
+  n_train = int(np.floor(n * (1 - validation_split)))
+  return {'train': stored_ids['train'][:n_train],
+          'validation': stored_ids['train'][n_train:],
+          'test': stored_ids['test']}[split]
+
+
+def shard_of(split_ids, i, num_shards):
+  m = len(split_ids)
+  return split_ids[i * m // num_shards:(i + 1) * m // num_shards]
+
+
+def check_examples(fake, batch):
+  """Images and labels are exactly the archive's for the ids they carry."""
+  images = np.concatenate([fake.train_images, fake.test_images])
+  labels = np.concatenate([fake.train_labels, fake.test_labels])
+  assert batch['image'].dtype == np.uint8
+  assert batch['label'].dtype == np.int32
+  real = batch.get('mask', np.ones(len(batch['label']))) > 0
+  np.testing.assert_array_equal(batch['image'][real],
+                                images[ids(batch['image'][real])])
+  np.testing.assert_array_equal(batch['label'][real],
+                                labels[ids(batch['image'][real])])
+
+
+def eval_ids_per_shard(p, split):
+  """{shard index: ids in order} from the masked rows of eval_batches."""
+  b, out = p.per_shard_batch, {i: [] for i in p.shard_indices}
+  batches = list(p.eval_batches(split))
+  assert len(batches) == p.num_eval_steps(split)
+  for batch in batches:
+    assert batch['image'].shape[0] == p.local_batch_size
+    for k, i in enumerate(p.shard_indices):
+      rows = slice(k * b, (k + 1) * b)
+      mask = batch['mask'][rows] > 0
+      assert (np.diff(mask.astype(int)) <= 0).all()  # Padding at the end.
+      out[i].extend(ids(batch['image'][rows][mask]))
+  return {i: np.array(v, int) for i, v in out.items()}
+
+
+def test_prepare_runs_the_real_builder_offline(fake_cifar100, stored):
+  builder = tfds.builder('cifar100', data_dir=fake_cifar100.data_dir)
+  assert builder.info.splits['train'].num_examples == tfds_fixtures.NUM_TRAIN
+  assert builder.info.splits['test'].num_examples == tfds_fixtures.NUM_TEST
+  # Extracted from the archive by the real download manager.
+  assert (builder.info.features['label'].names ==
+          list(tfds_fixtures.FINE_NAMES))
+  np.testing.assert_array_equal(np.sort(stored['train']),
+                                np.arange(tfds_fixtures.NUM_TRAIN))
+  np.testing.assert_array_equal(
+      np.sort(stored['test']), tfds_fixtures.NUM_TRAIN + np.arange(30))
+  info = input_pipeline.get_dataset_info(
+      tfds_fixtures.make_config(fake_cifar100.data_dir))
+  assert info == input_pipeline.DatasetInfo(
+      'cifar100', 32, 32, 3, 100, tfds_fixtures.FINE_NAMES, '3.0.2')
+
+
+@pytest.mark.parametrize('validation_split,num_train', [
+    (0.1, 90), (0.15, 85), (0.333, 66), (0.99, 1)])  # floor(100 * 0.667).
+def test_split_boundaries(fake_cifar100, stored, validation_split, num_train):
+  p = pipeline(fake_cifar100, 1, (0,), batch_size=1,
+               validation_split=validation_split)
+  assert (p.num_train_examples, p.num_validation_examples,
+          p.num_test_examples) == (num_train, 100 - num_train, 30)
+  assert p.steps_per_epoch == num_train
+  epoch = [p.train_batch(0, s) for s in range(p.steps_per_epoch)]
+  for batch in epoch:
+    check_examples(fake_cifar100, batch)
+  seen = np.concatenate([ids(b['image']) for b in epoch])
+  np.testing.assert_array_equal(
+      np.sort(seen), np.sort(stored['train'][:num_train]))
+  for split in ('validation', 'test'):
+    np.testing.assert_array_equal(
+        eval_ids_per_shard(p, split)[0],
+        expected_split(stored, split, validation_split))
+
+
+@pytest.mark.parametrize('validation_split', [0.0, 1.0, 0.999])
+def test_rejects_validation_split_leaving_a_split_empty(fake_cifar100,
+                                                       validation_split):
+  with pytest.raises(ValueError, match='config.validation_split='):
+    pipeline(fake_cifar100, 1, (0,), validation_split=validation_split)
+
+
+def test_shards_partition_each_split(fake_cifar100, stored):
+  p = pipeline(fake_cifar100)
+  for split in ('validation', 'test'):
+    got = eval_ids_per_shard(p, split)
+    for i in range(4):
+      np.testing.assert_array_equal(
+          got[i], shard_of(expected_split(stored, split), i, 4))
+  # Train: shard i's rows at (epoch, step) are the documented permutation of
+  # the shard; one epoch drops a few examples, ten epochs see every one.
+  b, seen = p.per_shard_batch, {i: set() for i in range(4)}
+  for epoch in range(10):
+    for step in range(p.steps_per_epoch):
+      batch = p.train_batch(epoch, step)
+      check_examples(fake_cifar100, batch)
+      for i in range(4):
+        shard = shard_of(expected_split(stored, 'train'), i, 4)
+        perm = np.random.default_rng([0, epoch, i]).permutation(len(shard))
+        got = ids(batch['image'][i * b:(i + 1) * b])
+        np.testing.assert_array_equal(got, shard[perm[step * b:][:b]])
+        seen[i].update(got.tolist())
+  for i in range(4):
+    assert seen[i] == set(shard_of(expected_split(stored, 'train'), i, 4))
+
+
+def test_process_reads_only_its_shards(fake_cifar100, monkeypatch):
+  reads = []
+  real_read = input_pipeline._read  # pylint: disable=protected-access
+
+  def spy(builder, tfds_split, start, stop, info):
+    reads.append((tfds_split, start, stop))
+    return real_read(builder, tfds_split, start, stop, info)
+
+  monkeypatch.setattr(input_pipeline, '_read', spy)
+  config = tfds_fixtures.make_config(fake_cifar100.data_dir, batch_size=8)
+  input_pipeline.Pipeline(config, num_shards=4, shard_indices=[2, 3])
+  # train = stored [0, 90) cut at 0/22/45/67/90; validation [90, 100).
+  assert sorted(reads) == sorted([
+      ('train', 45, 67), ('train', 67, 90), ('train', 95, 97),
+      ('train', 97, 100), ('test', 15, 22), ('test', 22, 30)])
+
+
+def test_steps_per_epoch_is_global(fake_cifar100):
+  assert pipeline(fake_cifar100).steps_per_epoch == 11  # min(22, 23) // 2.
+  # 85 train examples: shards 21, 21, 21, 22. Shard 3 alone still uses 21.
+  p = pipeline(fake_cifar100, 4, (3,), validation_split=0.15)
+  assert p.steps_per_epoch == 10
+  assert p.num_train_examples == 85
+  with pytest.raises(ValueError, match='too large'):
+    pipeline(fake_cifar100, batch_size=4 * 23)
+  with pytest.raises(ValueError, match='multiple'):
+    pipeline(fake_cifar100, batch_size=10)
+
+
+def test_train_batch_is_a_pure_function(fake_cifar100):
+  p = pipeline(fake_cifar100)
+  first = p.train_batch(3, 5)
+  assert first['image'].shape == (8, 32, 32, 3)
+  assert first['label'].shape == (8,)
+  np.testing.assert_array_equal(first['image'], p.train_batch(3, 5)['image'])
+  epoch = np.concatenate([ids(p.train_batch(0, s)['image'])
+                          for s in range(p.steps_per_epoch)])
+  assert len(set(epoch.tolist())) == len(epoch) == 88
+  other_epoch = np.concatenate([ids(p.train_batch(1, s)['image'])
+                                for s in range(p.steps_per_epoch)])
+  assert not np.array_equal(epoch, other_epoch)
+  one, two = (pipeline(fake_cifar100, 1, (0,), seed=seed) for seed in (1, 2))
+  assert not np.array_equal(one.train_batch(0, 0)['image'],
+                            two.train_batch(0, 0)['image'])
+  with pytest.raises(IndexError):
+    p.train_batch(0, p.steps_per_epoch)
+
+
+def test_global_batch_independent_of_process_layout(fake_cifar100):
+  whole = pipeline(fake_cifar100)
+  halves = [pipeline(fake_cifar100, 4, s) for s in ((0, 1), (2, 3))]
+  for epoch, step in [(0, 0), (0, 10), (7, 4)]:
+    parts = [h.train_batch(epoch, step) for h in halves]
+    want = whole.train_batch(epoch, step)
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(
+          np.concatenate([part[key] for part in parts]), want[key])
+  for split in ('validation', 'test'):
+    assert {h.num_eval_steps(split) for h in halves} == {
+        whole.num_eval_steps(split)}
+    for *parts, want in zip(*(h.eval_batches(split) for h in halves),
+                            whole.eval_batches(split)):
+      for key in ('image', 'label', 'mask'):
+        np.testing.assert_array_equal(
+            np.concatenate([part[key] for part in parts]), want[key])
+
+
+def test_eval_covers_every_example_once(fake_cifar100, stored):
+  p = pipeline(fake_cifar100)  # Per-shard batch 2; test shards of 7 and 8.
+  assert (p.num_eval_steps('validation'), p.num_eval_steps('test')) == (2, 4)
+  for split in ('validation', 'test'):
+    batches = list(p.eval_batches(split))
+    for batch in batches:
+      check_examples(fake_cifar100, batch)
+      assert batch['mask'].dtype == np.float32
+    masks = np.concatenate([b['mask'] for b in batches])
+    seen = np.concatenate([ids(b['image']) for b in batches])[masks > 0]
+    assert masks.sum() == len(expected_split(stored, split)) == getattr(
+        p, f'num_{split}_examples')
+    np.testing.assert_array_equal(np.sort(seen),
+                                  np.sort(expected_split(stored, split)))
+  with pytest.raises(ValueError):
+    p.num_eval_steps('train')
+
+
+def test_normalization_stats_match_numpy(fake_cifar100, stored):
+  train_ids = expected_split(stored, 'train')
+  pixels = fake_cifar100.train_images[train_ids].reshape(-1, 3)
+  want = {'mean': pixels.mean(0), 'variance': pixels.var(0)}
+  for p in (pipeline(fake_cifar100), pipeline(fake_cifar100, 1, (0,))):
+    got = p.normalization_stats()
+    for key in want:
+      assert got[key].dtype == np.float64 and got[key].shape == (3,)
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-12)
+
+
+def test_normalization_stats_sum_over_processes(fake_cifar100, stored,
+                                                monkeypatch):
+  """Two "processes" (threads) with a fake process_allgather collective."""
+  halves = [pipeline(fake_cifar100, 4, s) for s in ((0, 1), (2, 3))]
+  with pytest.raises(RuntimeError, match='owned by no process'):
+    halves[0].normalization_stats()  # One process can't see shards 2 and 3.
+  rank, values = threading.local(), [None, None]
+  barrier = threading.Barrier(2, timeout=60)
+
+  def allgather(x):
+    values[rank.value] = np.asarray(x)
+    barrier.wait()
+    out = np.stack(values)
+    barrier.wait()
+    return out
+
+  def run(r):
+    rank.value = r
+    return halves[r].normalization_stats()
+
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', allgather)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(run, (0, 1)))
+  pixels = fake_cifar100.train_images[expected_split(stored, 'train')]
+  for got in results:
+    np.testing.assert_allclose(got['mean'], pixels.reshape(-1, 3).mean(0),
+                               rtol=1e-12)
+    np.testing.assert_allclose(got['variance'], pixels.reshape(-1, 3).var(0),
+                               rtol=1e-12)
+
+
+def test_prepare_orders_processes_around_a_barrier(fake_cifar100,
+                                                   monkeypatch):
+  events = []
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'sync_global_devices',
+                      lambda name: events.append('barrier'))
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
+                      lambda self, **kwargs: events.append('prepare'))
+  config = tfds_fixtures.make_config(fake_cifar100.data_dir)
+  for index, want in ((0, ['prepare', 'barrier']), (1, ['barrier', 'prepare'])):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    events.clear()
+    input_pipeline.prepare(config)
+    assert events == want
+  events.clear()
+  config.mock_data = True
+  input_pipeline.prepare(config)
+  assert not events
+
+
+@pytest.mark.parametrize('dataset,native,channels,num_classes', [
+    ('cifar100', 32, 3, 100), ('mnist', 28, 1, 10),
+    ('tf_flowers', None, 3, 5)])  # Variable size: resized to image_size.
+def test_mock_data(tmp_path, dataset, native, channels, num_classes):
+  config = fake_data.get_config()  # Batch 16, image size 16.
+  config.dataset, config.tfds_data_dir = dataset, str(tmp_path)
+  n = config.mock_num_examples
+  size = native or config.image_size
+  info = input_pipeline.get_dataset_info(config)
+  assert (info.height, info.width, info.channels, info.num_classes) == (
+      size, size, channels, num_classes)
+  p = input_pipeline.Pipeline(config, num_shards=2, shard_indices=[1])
+  # tfds' mock ignores slicing: each shard holds all n mock examples.
+  assert p.num_train_examples == p.num_test_examples == 2 * n
+  assert p.steps_per_epoch == n // 8
+  batch = p.train_batch(0, 0)
+  assert batch['image'].shape == (8, size, size, channels)
+  assert batch['image'].dtype == np.uint8
+  assert batch['label'].dtype == np.int32
+  assert ((batch['label'] >= 0) & (batch['label'] < num_classes)).all()
+  assert sum(b['mask'].sum() for b in p.eval_batches('test')) == n
+
+
+@pytest.mark.parametrize('dataset,message', [
+    ('cifar1000', "'cifar1000' is not a tfds dataset. Did you mean 'cifar100'"),
+    ('imdb_reviews', r"must have an `image` feature.*\['label', 'text'\]"),
+    ('celeb_a', 'must have an `image` feature.*`label` feature'),
+])
+def test_dataset_info_rejects_unusable_datasets(tmp_path, dataset, message):
+  config = tfds_fixtures.make_config(tmp_path, dataset=dataset)
+  with pytest.raises(ValueError, match=message):
+    input_pipeline.get_dataset_info(config)
+
+
+def test_dataset_info_rejects_missing_data_dir(tmp_path):
+  for data_dir in (tmp_path / 'nope', tmp_path / 'file'):
+    (tmp_path / 'file').write_text('')
+    config = tfds_fixtures.make_config(data_dir)
+    with pytest.raises(ValueError, match='tfds_data_dir=.*not a readable'):
+      input_pipeline.get_dataset_info(config)
+    with pytest.raises(ValueError, match='tfds_data_dir'):
+      input_pipeline.prepare(config)

@@ -1,0 +1,113 @@
+"""A tiny CIFAR-100 prepared offline by the real tfds `cifar100` builder.
+
+`write_cifar100_archive` writes a fake `cifar-100-binary.tar.gz` in the
+original binary format (what tfds' builder reads: records of 1 coarse-label
+byte, 1 fine-label byte and 3072 CHW pixel bytes, plus the label-name files).
+`prepare_fake_cifar100` then runs `input_pipeline.prepare`, i.e. the builder's
+real download_and_prepare: tfds "downloads" the archive through its own
+downloader (a file copy, since the URL is a local path), records the size and
+sha256, extracts the tar.gz and writes the tfrecords. The only seam is the
+builder's URL, pointed at the local file; its checksum is not registered, so
+tfds does not validate it. Any attempt to reach the network fails the test.
+
+Use the `fake_cifar100` session fixture (import it into a test module), or
+`make_config(data_dir)` for a configs/cifar100.py config on such a dir.
+"""
+
+import dataclasses
+import io
+import pathlib
+import tarfile
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import cifar100 as cifar100_config
+from perceiver_jax.data import input_pipeline
+
+NUM_TRAIN = 100
+NUM_TEST = 30
+FINE_NAMES = tuple(f'fine_{i:02d}' for i in range(100))
+COARSE_NAMES = tuple(f'coarse_{i:02d}' for i in range(20))
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeCifar100:
+  """A prepared fake CIFAR-100 and what was put in it (archive order)."""
+  data_dir: str
+  train_images: np.ndarray  # uint8 [NUM_TRAIN, 32, 32, 3]
+  train_labels: np.ndarray  # int32 fine labels [NUM_TRAIN]
+  test_images: np.ndarray  # uint8 [NUM_TEST, 32, 32, 3]
+  test_labels: np.ndarray  # int32 [NUM_TEST]
+
+
+def fake_examples(num, first_id, seed):
+  """Random images, each made unique by writing its id into pixel (0, 0)."""
+  images = np.random.default_rng(seed).integers(
+      0, 256, (num, 32, 32, 3), dtype=np.uint8)
+  ids = np.arange(first_id, first_id + num)
+  images[:, 0, 0, 0], images[:, 0, 0, 1] = ids // 256, ids % 256
+  labels = ((7 * ids + 3) % 100).astype(np.int32)
+  return images, labels
+
+
+def _records(images, labels):
+  coarse = (labels // 5).astype(np.uint8)
+  rows = [np.concatenate([[c, f], img.transpose(2, 0, 1).ravel()])
+          for c, f, img in zip(coarse, labels.astype(np.uint8), images)]
+  return np.asarray(rows, np.uint8).tobytes()
+
+
+def write_cifar100_archive(path, train, test):
+  """Writes (images, labels) pairs as a cifar-100-binary.tar.gz at `path`."""
+  files = {
+      'train.bin': _records(*train),
+      'test.bin': _records(*test),
+      'coarse_label_names.txt': '\n'.join(COARSE_NAMES).encode() + b'\n',
+      'fine_label_names.txt': '\n'.join(FINE_NAMES).encode() + b'\n',
+  }
+  with tarfile.open(path, 'w:gz') as tar:
+    for name, data in files.items():
+      member = tarfile.TarInfo(f'cifar-100-binary/{name}')
+      member.size = len(data)
+      tar.addfile(member, io.BytesIO(data))
+  return path
+
+
+def make_config(data_dir, **overrides):
+  """configs/cifar100.py on `data_dir`, with field overrides."""
+  config = cifar100_config.get_config()
+  config.tfds_data_dir = str(data_dir)
+  config.update(overrides)
+  return config
+
+
+def _no_network(url, *args, **kwargs):
+  raise AssertionError(f'Test tried to download {url}.')
+
+
+def prepare_fake_cifar100(root):
+  """Builds the archive under `root` and prepares it into `root`/tfds."""
+  root = pathlib.Path(root)
+  train = fake_examples(NUM_TRAIN, 0, seed=1)
+  test = fake_examples(NUM_TEST, NUM_TRAIN, seed=2)
+  archive = write_cifar100_archive(root / 'cifar-100-binary.tar.gz',
+                                   train, test)
+  data_dir = root / 'tfds'
+  data_dir.mkdir()
+  builder_cls = tfds.builder_cls('cifar100')
+  real_info = builder_cls._cifar_info  # pylint: disable=protected-access
+  local_info = property(lambda self: real_info.fget(self)._replace(
+      url=str(archive)))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(builder_cls, '_cifar_info', local_info)
+    mp.setattr('tensorflow_datasets.core.download.downloader._open_url',
+               _no_network)
+    input_pipeline.prepare(make_config(data_dir))
+  return FakeCifar100(str(data_dir), *train, *test)
+
+
+@pytest.fixture(scope='session')
+def fake_cifar100(tmp_path_factory):
+  return prepare_fake_cifar100(tmp_path_factory.mktemp('fake_cifar100'))

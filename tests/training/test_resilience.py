@@ -1,0 +1,209 @@
+"""Runs killed at any moment, preempted or diverged resume exactly or stop cleanly.
+
+Each run is a real `main.py` process on mock data (one CPU device, 3 epochs
+of 4 steps, a checkpoint every 2 steps). Faults are injected at exact
+moments through the PERCEIVER_JAX_FAULT hook; SIGKILL leaves no chance to
+clean up, as in a crash or a lost VM.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.support import ROOT
+from tests.support import run_main
+
+FLAGS = ('--config.num_epochs=3', '--config.checkpoint_every_steps=2')
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+def _run(workdir, cache_dir, fault=None, extra=()):
+  env_fault = {'PERCEIVER_JAX_FAULT': fault} if fault else {}
+  old = dict(os.environ)
+  os.environ.update(env_fault)
+  try:
+    return run_main(workdir, *FLAGS, *extra, devices=1, cache_dir=cache_dir)
+  finally:
+    os.environ.clear()
+    os.environ.update(old)
+
+
+def _final(workdir):
+  """history.json bytes and the newest checkpoint's arrays, as numpy."""
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  step = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  state = ocp.PyTreeCheckpointer().restore(
+      os.path.join(ckpt_dir, str(step), 'state'))
+  with open(os.path.join(workdir, 'history.json'), 'rb') as f:
+    return step, f.read(), state
+
+
+def _assert_identical(a, b):
+  step_a, history_a, state_a = a
+  step_b, history_b, state_b = b
+  assert step_a == step_b == 12
+  assert history_a == history_b
+  flat_a = ocp.tree.to_flat_dict(state_a)
+  flat_b = ocp.tree.to_flat_dict(state_b)
+  assert flat_a.keys() == flat_b.keys()
+  assert any('opt_state' in str(k) for k in flat_a)
+  for k in flat_a:
+    np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]),
+                                  err_msg=str(k))
+
+
+@pytest.fixture(scope='module')
+def reference_workdir(tmp_path_factory, cache_dir):
+  workdir = tmp_path_factory.mktemp('reference')
+  proc = _run(workdir, cache_dir)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def reference(reference_workdir):
+  return _final(reference_workdir)
+
+
+def test_same_config_and_seed_give_identical_runs(tmp_path, cache_dir,
+                                                  reference):
+  proc = _run(tmp_path, cache_dir)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  _assert_identical(_final(tmp_path), reference)
+
+
+@pytest.mark.parametrize('fault,resumes_from', [
+    # Mid-epoch 2, once the step-6 checkpoint has landed.
+    ('kill_after_step@7', (6,)),
+    # Validation of epoch 2: the asynchronous step-6 save may or may not
+    # have landed; either way the rerun must end identically.
+    ('kill_in_eval@2', (4, 6)),
+    # During the step-10 save; a save starts only after the previous one
+    # (step 8) has landed.
+    ('kill_in_checkpoint_write@10', (8,)),
+])
+def test_sigkill_then_rerun_matches_uninterrupted_run(
+    tmp_path, cache_dir, reference, fault, resumes_from):
+  killed = _run(tmp_path, cache_dir, fault=fault)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+  entries = os.listdir(tmp_path / 'checkpoints')
+  if fault.startswith('kill_in_checkpoint_write'):
+    # The write was cut off: a temporary directory, never a step directory.
+    assert '10' not in entries
+    assert any('tmp' in e for e in entries), entries
+  rerun = _run(tmp_path, cache_dir)
+  assert rerun.returncode == 0, rerun.stderr[-4000:]
+  assert any(f'Resuming from step {s} ' in rerun.stderr for s in resumes_from)
+  _assert_identical(_final(tmp_path), reference)
+
+
+def _truncate_arrays(checkpoint):
+  """Empties every file of a checkpoint's array data, as a full disk might."""
+  damaged = 0
+  for root, _, files in os.walk(os.path.join(checkpoint, 'state')):
+    for name in files:
+      if os.path.basename(root) == 'd':  # OCDBT data files.
+        with open(os.path.join(root, name), 'r+b') as f:
+          f.truncate(0)
+        damaged += 1
+  assert damaged, f'no array files under {checkpoint}'
+
+
+def test_damaged_newest_checkpoint_is_set_aside_and_trained_past(
+    tmp_path, cache_dir, reference):
+  first = _run(tmp_path, cache_dir, extra=('--config.num_epochs=2',))
+  assert first.returncode == 0, first.stderr[-4000:]
+  _truncate_arrays(tmp_path / 'checkpoints' / '8')
+  # Twice: the first rerun trains past step 8; the second finds the run done.
+  for _ in range(2):
+    rerun = _run(tmp_path, cache_dir)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+  assert 'Resuming from step 12 ' in rerun.stderr
+  entries = os.listdir(tmp_path / 'checkpoints')
+  assert '8.unreadable' in entries, entries
+  _assert_identical(_final(tmp_path), reference)
+
+
+def test_sigterm_saves_at_the_next_step_and_resumes(tmp_path, cache_dir,
+                                                    reference):
+  env = dict(os.environ)
+  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  cmd = [sys.executable, 'main.py', '--config=configs/fake_data.py',
+         f'--workdir={tmp_path}', *FLAGS, '--config.log_every_steps=1']
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  # Announce preemption while the run is still setting up (loading data,
+  # compiling): it must still save after its first step.
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if 'steps per epoch' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  _, err = proc.communicate(timeout=300)
+  err = ''.join(seen) + err
+  assert proc.returncode == 128 + signal.SIGTERM, err[-4000:]
+  assert ('Preemption notice (SIGTERM) received: saved a checkpoint at step '
+          '1.') in err
+  rerun = _run(tmp_path, cache_dir)
+  assert rerun.returncode == 0, rerun.stderr[-4000:]
+  assert 'Resuming from step' in rerun.stderr
+  _assert_identical(_final(tmp_path), reference)
+
+
+def test_nan_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path,
+                                                              cache_dir):
+  proc = _run(tmp_path, cache_dir, fault='nan_learning_rate_at_step@6')
+  assert proc.returncode == 1
+  # Step 6 applies a NaN update: its parameters are the first non-finite.
+  assert 'Error: param_norm became nan at step 6.' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints')
+                 if d.isdigit())
+  assert steps == [2, 4]
+  state = ocp.PyTreeCheckpointer().restore(
+      os.path.join(tmp_path, 'checkpoints', '4', 'state'))
+  assert all(np.isfinite(np.asarray(x)).all()
+             for x in ocp.tree.to_flat_dict(state['params']).values())
+
+
+def test_resumed_run_trains_on_with_the_new_learning_rate(
+    tmp_path, cache_dir, reference_workdir):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference_workdir, workdir)
+  proc = _run(workdir, cache_dir, extra=('--config.num_epochs=4',
+                                         '--config.learning_rate=0.0005'))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert 'the plateau controller continues from 0.0005' in proc.stderr
+  with open(workdir / 'history.json') as f:
+    rates = [h['learning_rate'] for h in json.load(f)]
+  assert rates == [1e-3, 1e-3, 1e-3, 5e-4]
+
+
+def test_resume_refuses_a_different_model(tmp_path, cache_dir):
+  first = run_main(tmp_path, '--config.num_epochs=1', devices=1,
+                   cache_dir=cache_dir)
+  assert first.returncode == 0, first.stderr[-4000:]
+  proc = run_main(tmp_path, '--config.num_epochs=2',
+                  '--config.latent_dim=4', '--config.projection_dim=8',
+                  '--config.ffn_units=(8,8)', devices=1)
+  assert proc.returncode == 1
+  assert 'holds checkpoints of a run with a different model or data' in (
+      proc.stderr)
+  assert 'latent_dim: 8 -> 4' in proc.stderr
+  assert 'projection_dim: 16 -> 8' in proc.stderr
+  assert 'ffn_units: [16, 16] -> [8, 8]' in proc.stderr
+  assert 'num_epochs' not in proc.stderr.split('Differing fields')[1]
