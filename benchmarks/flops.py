@@ -6,7 +6,10 @@ analysis of a compiled program, which also counts elementwise work. Imports
 neither tensorflow nor tfds.
 """
 
+from perceiver_jax.model import folded as folded_lib
 from perceiver_jax.model import perceiver
+from perceiver_jax.model import position_encoding as position_lib
+from perceiver_jax.model import sharing
 
 CHANNELS = 3  # RGB, unless told otherwise.
 
@@ -16,26 +19,58 @@ def _dense_chain_flops(rows, widths):
   return sum(2 * rows * a * b for a, b in zip(widths[:-1], widths[1:]))
 
 
+def attention_flops(folded, q_length, kv_length, d_q, d_kv, d_out,
+                    num_heads, head_dim):
+  """Forward matmul FLOPs of one attention call on one example, by part.
+
+  The factored form (Keras' order) projects queries, keys and values per
+  head, attends and projects out (`d_out=0`: no output projection, the
+  seed's cross-attention); the folded form (`folded.folded_attention`)
+  attends over the unprojected keys and values with `W_q W_k^T` and
+  `W_v W_o`, whose own products ('weights', once per call on the whole
+  batch) are left to the caller to spread over the examples.
+  """
+  if folded:
+    return dict(
+        query=2 * q_length * d_q * num_heads * d_kv, key_value=0,
+        attention=2 * 2 * num_heads * q_length * kv_length * d_kv,
+        output=2 * q_length * num_heads * d_kv * d_out,
+        weights=2 * num_heads * head_dim * (d_q * d_kv + d_kv * d_out))
+  return dict(
+      query=2 * q_length * d_q * num_heads * head_dim,
+      key_value=2 * 2 * kv_length * d_kv * num_heads * head_dim,
+      attention=2 * 2 * num_heads * q_length * kv_length * head_dim,
+      output=2 * q_length * num_heads * head_dim * d_out, weights=0)
+
+
 def analytic_flops_per_example(config, num_classes, channels=CHANNELS,
                                batch_size=None):
   """Matmul FLOPs of one example's forward pass, by part (2 per multiply-add).
 
   Counts what dominates and what MFU conventionally counts: the patch
-  projection, q/k/v projections, attention logits and weighted sums, output
-  projections, FFNs and the classifier. Everything elementwise (LayerNorm,
-  GELU, softmax, dropout, residuals, the augmentation) is left out.
+  projection (with any Fourier features), q/k/v projections, attention
+  logits and weighted sums, output projections, FFNs, the query decoder and
+  the classifier. Everything elementwise (LayerNorm, GELU, softmax, dropout,
+  residuals, the Fourier features themselves, the augmentation) is left out.
 
   The cross-attention's keys and values are projections of the same data
-  array by the same (shared) weights in every iteration, so they are counted
-  once: XLA computes them once too (common subexpression elimination), even
-  though the seed's code asks for them per iteration.
+  array, so iterations that share the cross-attention's weights share them:
+  XLA computes them once per cross-attention weight set (common
+  subexpression elimination), even though the model's code asks for them in
+  every iteration; their gradients, though, are computed once per iteration
+  (autodiff differentiates every call). 'data_key_value' counts them so that
+  3x the forward is the step's total, spread over the examples.
+  'as_written_total' is the forward pass as the code is written: keys and
+  values in every iteration, Keras' factored order throughout, every matmul
+  the code asks for (the convention of the Perceiver paper's FLOP counts).
 
-  The latent self-attention is counted in the form it runs in
-  (`config.attention_form`, 'auto' deciding at `batch_size`): the matmuls
-  the device executes, so MFU is not flattered by the folded form. The
-  folded form's per-head weight products (`W_q W_k^T`, `W_v W_o`) are paid
-  once per step and appear spread over the batch ('weight_folding'). The
-  factored (Keras-order) count is returned as 'factored_total' either way.
+  Every attention is counted in the form it runs in (`config.attention_form`,
+  'auto' deciding at `batch_size`): the matmuls the device executes, so MFU
+  is not flattered by the folded form. The folded form's per-head weight
+  products (`W_q W_k^T`, `W_v W_o`) are paid once per step and appear
+  spread over the batch ('weight_folding' per latent block and iteration,
+  'cross_weight_folding' per iteration). The factored (Keras-order) count is
+  returned as 'factored_total' either way.
 
   Args:
     config: a model config (see configs/cifar100.py).
@@ -47,53 +82,87 @@ def analytic_flops_per_example(config, num_classes, channels=CHANNELS,
     dict of FLOPs per part, with the sum under 'total'.
   """
   batch_size = config.batch_size if batch_size is None else batch_size
-  d = config.projection_dim
-  n = config.latent_dim
-  m = (config.image_size // config.patch_size)**2
-  heads = config.num_heads
-  head_dim = d  # Keras MultiHeadAttention(key_dim=projection_dim).
-  ffn = (d,) + tuple(config.ffn_units)
-  factored_block = (3 * 2 * n * d * heads * head_dim +   # q, k, v
-                    2 * (2 * heads * n * n * head_dim) +  # logits, sums
-                    2 * n * heads * head_dim * d +        # output projection
-                    _dense_chain_flops(n, ffn))
-  folded_block = (2 * n * d * heads * d +    # x W_qk
-                  2 * (2 * heads * n * n * d) +  # logits, P x
-                  2 * n * heads * d * d +    # (P x) W_vo
-                  _dense_chain_flops(n, ffn))
   model = perceiver.create_model(config, num_classes)
-  folded = model.latent_attention_folded(batch_size)
-  weight_sets = model.num_weight_sets
-  parts = {
-      'patch_projection': 2 * m * config.patch_size**2 * channels * d,
-      'data_key_value': 2 * (2 * m * d * d),
-      # Per iteration: q from the latents, logits and the weighted sum of
-      # values, the FFN on the latents.
-      'cross_attention': (2 * n * d * d + 2 * (2 * n * m * d) +
-                          _dense_chain_flops(n, ffn)),
-      # Per block and iteration, in the form that runs.
-      'transformer_block': folded_block if folded else factored_block,
-      # Per block and iteration: W_q W_k^T and W_v W_o of every head. XLA
-      # forms them once per step and weight set (iterations sharing weights
-      # share them), but their gradient once per iteration; counted so that
-      # 3x the forward is the step's total, spread over the examples.
-      'weight_folding': (2 * 2 * heads * d * head_dim * d *
-                         (weight_sets + 2 * config.num_iterations) /
-                         (3 * batch_size * config.num_iterations)
-                         if folded else 0),
-      'classifier': _dense_chain_flops(
-          1, (d,) + tuple(config.classifier_units) + (num_classes,)),
-  }
+  d, n, m = model.projection_dim, model.latent_dim, model.num_patches
+  t_max = model.num_iterations
+  ffn = (d,) + tuple(model.ffn_units)
+  patch_values = model.patch_size**2 * channels
+  data_width = model.data_width(channels)
+  fourier = position_lib.num_fourier_features(2, model.fourier_num_bands)
+  if model.position_encoding == 'learned':
+    patch_projection = 2 * m * patch_values * d
+  elif model.cross_attention_width == 'input':
+    patch_projection = 0  # The data array is the unprojected inputs.
+  elif model.fourier_mode == 'concat':
+    patch_projection = 2 * m * (patch_values + fourier) * d
+  else:  # 'add': the position features are projected once per batch.
+    patch_projection = 2 * m * (patch_values + fourier / batch_size) * d
 
-  def total(block):
-    return (parts['patch_projection'] + parts['data_key_value'] +
-            config.num_iterations *
-            (parts['cross_attention'] +
-             config.num_transformer_blocks * block) +
-            parts['classifier'])
+  cross_heads = model.num_cross_heads
+  cross_head_dim = (data_width if model.cross_attention_width == 'input'
+                    else d) // max(cross_heads, 1)
+  cross_shape = (n, m, d, data_width, d if cross_heads else 0,
+                 max(cross_heads, 1), cross_head_dim)
+  latent_shape = (n, n, d, d, d, model.num_heads, model.latent_head_dim)
+  cross_sets, latent_sets = (
+      sharing.num_weight_sets(model.weight_sharing, kind, t_max)
+      for kind in (sharing.CROSS_ATTENTION, sharing.TRANSFORMER))
 
-  parts['total'] = total(parts['transformer_block'] + parts['weight_folding'])
-  parts['factored_total'] = total(factored_block)
+  def spread(flops, sets, per_example=False):
+    # XLA computes what iterations sharing weights share once per weight
+    # set (the folded form's weight products once per step, too), but its
+    # gradient once per iteration; counted so that 3x the forward is the
+    # step's total, per iteration (and spread over the examples).
+    return flops * (sets + 2 * t_max) / (
+        3 * t_max * (1 if per_example else batch_size))
+
+  decoder_heads = max(cross_heads, 1)
+  decoder_shape = (1, n, d, d, d, decoder_heads, d // decoder_heads)
+
+  def parts_in(cross_folded, latent_folded, decoder_folded):
+    cross = attention_flops(cross_folded, *cross_shape)
+    latent = attention_flops(latent_folded, *latent_shape)
+    decoder = 0
+    if model.decoder == 'query':  # Its weight products once per step.
+      decoder = attention_flops(decoder_folded, *decoder_shape)
+      weights = decoder.pop('weights')
+      decoder = sum(decoder.values()) + weights / batch_size
+    return {
+        'patch_projection': patch_projection,
+        'data_key_value': t_max * spread(cross['key_value'], cross_sets,
+                                         per_example=True),
+        # Per iteration: q from the latents, logits and the weighted sum of
+        # values, the output projection, the FFN on the latents.
+        'cross_attention': (cross['query'] + cross['attention'] +
+                            cross['output'] + _dense_chain_flops(n, ffn)),
+        'cross_weight_folding': spread(cross['weights'], cross_sets),
+        # Per block and iteration.
+        'transformer_block': (latent['query'] + latent['key_value'] +
+                              latent['attention'] + latent['output'] +
+                              _dense_chain_flops(n, ffn)),
+        'weight_folding': spread(latent['weights'], latent_sets),
+        'decoder': decoder,
+        'classifier': _dense_chain_flops(
+            1, (d,) + tuple(model.classifier_units) + (num_classes,)),
+    }
+
+  def total(p):
+    return (p['patch_projection'] + p['data_key_value'] + t_max * (
+        p['cross_attention'] + p['cross_weight_folding'] +
+        model.num_transformer_blocks * (p['transformer_block'] +
+                                        p['weight_folding'])) +
+            p['decoder'] + p['classifier'])
+
+  parts = parts_in(
+      model.cross_attention_folded(batch_size, channels),
+      model.latent_attention_folded(batch_size),
+      folded_lib.uses_folded_form(model.compute.attention_form, batch_size,
+                                  *decoder_shape))
+  factored = parts_in(False, False, False)
+  parts['total'] = total(parts)
+  parts['factored_total'] = total(factored)
+  parts['as_written_total'] = total(dict(factored, data_key_value=t_max * (
+      attention_flops(False, *cross_shape)['key_value'])))
   return parts
 
 

@@ -23,15 +23,16 @@ Command:
 
 Expected compute: 9,452,389 parameters (the seed's 9,697,637 minus the
 262,144 learned position embeddings plus 66 x 256 projection weights for
-the Fourier features). Counted as benchmarks/throughput.py counts (matmuls
-of the forward pass, x3 for forward + backward, plus the 66 extra inputs of
-the patch projection): 14.47 GFLOP forward per image, 2.778 TFLOP per step
-of 64 images; 150 epochs x 703 steps = 105,450 steps, about 293 PFLOP (the
-seed's 45 epochs were about 88 PFLOP). At the seed's measured throughput
-(402 ms per 64-image step on one V100 in the Keras log, i.e. about 6.9
-TFLOP/s of model matmuls) that is about 11.8 h on one V100-class GPU, plus
-validation each epoch and the on-device augmentation (RandAugment, MixUp)
-that the FLOP count leaves out.
+the Fourier features). Counted as benchmarks/flops.py counts (matmuls of
+the forward pass in Keras' factored order, x3 for forward + backward): 14.65
+GFLOP forward per image, 2.81 TFLOP per step of 64 images; 150 epochs x 703
+steps = 105,450 steps, about 297 PFLOP (the seed's 45 epochs were about 89
+PFLOP). As it runs here (the latent self-attention folded,
+`attention_form='auto'`) the step executes 2.00 TFLOP. At the seed's
+measured throughput (402 ms per 64-image step on one V100 in the Keras log,
+i.e. about 7.0 TFLOP/s of model matmuls in the factored count) that is about
+11.8 h on one V100-class GPU, plus validation each epoch and the on-device
+augmentation (RandAugment, MixUp) that the FLOP count leaves out.
 
 Expected result: not yet measured. No accelerator was available to train
 it when it was written; the recipe is chosen to beat the seed's 52.6% top-1

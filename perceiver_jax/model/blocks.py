@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from perceiver_jax import checks
+from perceiver_jax import errors
 from perceiver_jax.model import attention as attention_lib
 from perceiver_jax.model import compute as compute_lib
 from perceiver_jax.model import dropout as dropout_lib
@@ -30,8 +31,56 @@ def cross_heads_problem(num_heads, width, field=str):
           f'{divisors}')
 
 
+def input_width_problem(cross_attention_width, num_heads, field=str):
+  """Why the cross-attention cannot work at the data array's width, or None.
+
+  The seed's single head (`num_heads=0`) has no output projection, so it
+  can only work at the latents' width.
+  """
+  if cross_attention_width != 'input' or num_heads != 0:
+    return None
+  return (f"{field('cross_attention_width')}='input' needs "
+          f"{field('num_cross_heads')} >= 1: the seed's single head has no "
+          'output projection back to projection_dim')
+
+
 CROSS_HEADS_RULE = checks.non_negative_int("0: the seed's single head",
                                            example=8)
+# The blocks' options, as the config names them (Perceiver passes them on).
+RULES = {
+    'num_cross_heads': CROSS_HEADS_RULE,
+    # What the cross-attention works at: the latents' width (the seed's
+    # projection_dim) or the data array's own (the paper's model).
+    'cross_attention_width': checks.one_of('latent', 'input'),
+    # Where the cross-attention's residuals branch (see CrossAttentionBlock).
+    'cross_attention_residual': checks.one_of('normalized', 'pre_norm'),
+    # 'full': the seed's heads, each projection_dim wide (Keras key_dim);
+    # 'split': num_heads heads of projection_dim // num_heads (the paper's).
+    'latent_head_width': checks.one_of('full', 'split'),
+}
+
+
+def problems(values, field=str):
+  """What is wrong across the blocks' options (`values`), as messages."""
+  out = []
+  width, heads = values.get('projection_dim'), values.get('num_cross_heads')
+  if values.get('cross_attention_width') == 'input':
+    out.append(input_width_problem('input', heads, field))
+    if (values.get('position_encoding'), values.get('fourier_mode')) != (
+        'fourier', 'concat'):
+      out.append(f"{field('cross_attention_width')}='input' needs "
+                 f"{field('position_encoding')}='fourier' with "
+                 f"{field('fourier_mode')}='concat': the data array is then "
+                 'the pixel values and their Fourier features, unprojected')
+  else:
+    out.append(cross_heads_problem(heads, width, field))
+  heads = values.get('num_heads')
+  if (values.get('latent_head_width') == 'split' and checks.is_int(heads)
+      and checks.is_int(width) and heads > 0 and width > 0 and width % heads):
+    out.append(f"{field('latent_head_width')}='split' needs "
+               f"{field('num_heads')}={heads} to divide "
+               f"{field('projection_dim')}={width}")
+  return out
 
 
 class FeedForward(nn.Module):
@@ -70,13 +119,19 @@ class FeedForward(nn.Module):
 class CrossAttentionBlock(nn.Module):
   """The seed's cross-attention module: latents read from the data array.
 
-  Note the residual adds the *normalised* latents (as the seed does), and the
-  second residual adds the LayerNorm output, not its input.
+  With `residual='normalized'` (the seed) the residual adds the *normalised*
+  latents, and the second residual adds the LayerNorm output, not its input.
+  `residual='pre_norm'` is the pre-LN block of DeepMind's released Perceiver
+  code, like the latent Transformer's blocks: `x = latents +
+  attention(LN(latents), LN(data))`, then `x + FFN(LN(x))`. Both hold the
+  same parameters.
 
   `num_heads=0` is the seed's single head with a learned scalar scale and no
-  output projection; `num_heads=k` is standard multi-head attention (k heads
-  of width projection_dim // k, 1/sqrt(head_dim), output projection). Both
-  sow their weights when 'intermediates' is mutable.
+  output projection; `num_heads=k` is standard multi-head attention (1/sqrt(
+  head_dim), output projection to the latents' width) whose k heads split
+  `projection_dim` (`width='latent'`) or, with `width='input'`, the data
+  array's own width, as the paper's model does. Both sow their weights when
+  'intermediates' is mutable.
   """
   projection_dim: int
   ffn_units: Sequence[int]
@@ -86,20 +141,36 @@ class CrossAttentionBlock(nn.Module):
   compute: compute_lib.Compute = compute_lib.Compute()
   num_heads: int = 0
   attention_init: str = 'keras2'
+  width: str = 'latent'
+  residual: str = 'normalized'
 
   def __post_init__(self):
-    checks.enforce(self, {'num_heads': CROSS_HEADS_RULE}, [
-        cross_heads_problem(self.num_heads, self.projection_dim)])
+    checks.enforce(self, {
+        'num_heads': CROSS_HEADS_RULE,
+        'width': RULES['cross_attention_width'],
+        'residual': RULES['cross_attention_residual']}, [
+        cross_heads_problem(self.num_heads, self.projection_dim)
+        if self.width == 'latent' else '',
+        input_width_problem(self.width, self.num_heads)])
     super().__post_init__()
 
   @nn.compact
   def __call__(self, latents, data, deterministic):
+    inputs = latents
     latents = attention_lib.LayerNorm(dtype=self.dtype,
                                       name='latent_norm')(latents)
     data = attention_lib.LayerNorm(dtype=self.dtype, name='data_norm')(data)
     if self.num_heads:
+      width = self.projection_dim if self.width == 'latent' else data.shape[-1]
+      if width % self.num_heads:  # Only 'input': its width is the data's.
+        divisors = [k for k in range(1, width + 1) if width % k == 0]
+        raise errors.InputError(
+            f'config.num_cross_heads={self.num_heads} must divide the data '
+            f'array\'s width, {width} with cross_attention_width=\'input\' '
+            '(the pixel values of a patch and their Fourier features); '
+            f'choose one of {divisors}')
       attention = attention_lib.MultiHeadAttention(
-          self.num_heads, self.projection_dim // self.num_heads,
+          self.num_heads, width // self.num_heads,
           self.attention_dropout_rate, dtype=self.dtype,
           compute=self.compute,
           attention_init=self.attention_init, sow_weights=True,
@@ -109,9 +180,13 @@ class CrossAttentionBlock(nn.Module):
           self.projection_dim, self.attention_dropout_rate, dtype=self.dtype,
           compute=self.compute, name='attention')
     x = attention(latents, data, deterministic=deterministic)
-    x = attention_lib.LayerNorm(dtype=self.dtype, name='ffn_norm')(x + latents)
     ffn = FeedForward(self.ffn_units, self.dropout_rate, dtype=self.dtype,
                       dropout_bits=self.compute.dropout_bits, name='ffn')
+    ffn_norm = attention_lib.LayerNorm(dtype=self.dtype, name='ffn_norm')
+    if self.residual == 'pre_norm':
+      x = x + inputs
+      return x + ffn(ffn_norm(x), deterministic=deterministic)
+    x = ffn_norm(x + latents)
     return ffn(x, deterministic=deterministic) + x
 
 

@@ -3,7 +3,10 @@
 The seed adds a learned position embedding to projected patches; the paper
 uses fixed Fourier features of each patch's (row, col) instead, either
 concatenated to the patch values before the projection (the paper's and
-DeepMind's default) or projected by their own Dense and added.
+DeepMind's default) or projected by their own Dense and added. The paper's
+model projects nothing here: its data array is the pixel values with their
+Fourier features, and the cross-attention's key and value projections are
+the first layers to read them (`project=False`).
 """
 
 import functools
@@ -66,6 +69,10 @@ class PatchEncoder(nn.Module):
       0 uses the patch grid size.
     fourier_mode: 'concat' (features join the patch values before the
       projection) or 'add' (own Dense to projection_dim, added after).
+    project: project to `projection_dim` (the seed); False returns the
+      patch values and their Fourier features unprojected (needs 'fourier'
+      features in 'concat' mode), `patch_size**2 * channels +
+      2 * (2 * fourier_num_bands + 1)` wide.
   """
   patch_size: int
   num_patches: int
@@ -75,9 +82,15 @@ class PatchEncoder(nn.Module):
   fourier_num_bands: int = 64
   fourier_max_resolution: int = 0
   fourier_mode: str = 'concat'
+  project: bool = True
 
   def __post_init__(self):
-    checks.enforce(self, RULES)
+    checks.enforce(self, RULES, [
+        '' if self.project or (self.position_encoding, self.fourier_mode) == (
+            'fourier', 'concat') else
+        "project=False needs position_encoding='fourier' with "
+        "fourier_mode='concat' (the position features must join the "
+        'pixel values; nothing would project them)'])
     super().__post_init__()
 
   @nn.compact
@@ -101,8 +114,8 @@ class PatchEncoder(nn.Module):
             self.dtype)
     if self.fourier_mode == 'concat':
       features = jnp.broadcast_to(features, patches.shape[:1] + features.shape)
-      return dense(name='projection')(
-          jnp.concatenate([patches.astype(self.dtype), features], axis=-1))
+      inputs = jnp.concatenate([patches.astype(self.dtype), features], axis=-1)
+      return dense(name='projection')(inputs) if self.project else inputs
     # 'add': the same position projection for every image, so project once.
     return (dense(name='projection')(patches) +
             dense(name='position_projection')(features))

@@ -8,13 +8,15 @@ Architecture, initialisers and layer order follow the Keras example exactly:
 
 The cross-attention module and the latent Transformer (`blocks.py`) are
 each applied `num_iterations` times with the SAME weights, as in the seed
-(`weight_sharing='all'`).
+(`weight_sharing='all'`; the other plans are in `sharing.py`).
 
 Options from the Perceiver papers, each off by default so the default model
 is exactly the seed's: Fourier position features (`encoders.py`,
-`position_encoding.py`), the paper's weight sharing (first iteration
-unshared) or none, multi-head cross-attention, a Perceiver IO query decoder
-(`decoders.py`) and no dropout on the logits.
+`position_encoding.py`), the paper's weight sharing or none, multi-head
+cross-attention at the latents' or the inputs' width with pre-LN residuals,
+latent self-attention heads that split the width, a truncated-normal latent
+array, a Perceiver IO query decoder (`decoders.py`) and no dropout on the
+logits.
 
 Differences from the seed that do not change the function: the model takes
 already normalised and augmented images (augmentation runs in the input
@@ -22,6 +24,7 @@ pipeline / train step), and the latent array is broadcast over the batch
 instead of being passed with batch size 1.
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -34,11 +37,9 @@ from perceiver_jax.model import compute as compute_lib
 from perceiver_jax.model import decoders
 from perceiver_jax.model import encoders
 from perceiver_jax.model import folded as folded_lib
+from perceiver_jax.model import position_encoding as position_lib
+from perceiver_jax.model import sharing
 
-# Which iterations share weights: 'all' (the seed: one cross-attention and
-# one Transformer for every iteration), 'paper' (iteration 1 has its own,
-# iterations 2..T share a second set) or 'none' (one set per iteration).
-WEIGHT_SHARING = ('all', 'paper', 'none')
 # How latents become the class representation: 'mean' (the seed) or
 # 'query' (Perceiver IO: a learned query cross-attends the latents).
 DECODERS = ('mean', 'query')
@@ -55,8 +56,11 @@ RULES = {
     'attention_init': attention_lib.ATTENTION_INIT_RULE,
     'remat': checks.BOOL,
     **encoders.RULES,
-    'weight_sharing': checks.one_of(*WEIGHT_SHARING),
-    'num_cross_heads': blocks.CROSS_HEADS_RULE,
+    'weight_sharing': sharing.RULE,
+    **blocks.RULES,
+    # The latent array's init: the seed's Keras random_normal(0.05), or
+    # DeepMind's truncated normal (stddev 0.02, cut at 2 stddev).
+    'latent_init': checks.one_of('random_normal', 'truncated_normal'),
     'decoder': checks.one_of(*DECODERS),
     'logits_dropout': checks.BOOL,
 }
@@ -89,8 +93,7 @@ def problems(values, field=str):
           f'{field("ffn_units")}={tuple(ffn)!r} must end with projection_dim '
           f'({width}) because the FFN output is added back to its input; '
           f'set its last entry to {field("projection_dim")}')
-  out.append(blocks.cross_heads_problem(values.get('num_cross_heads'), width,
-                                        field))
+  out += blocks.problems(values, field)
   return [p for p in out if p]
 
 
@@ -101,8 +104,9 @@ class Perceiver(nn.Module):
     image_size: height and width of the (square) input images.
     patch_size: side of the non-overlapping patches; divides image_size.
     latent_dim: number of latents.
-    projection_dim: width of latents and data array elements.
-    num_heads: heads of the latent self-attention (each projection_dim wide).
+    projection_dim: width of the latents (and of the data array, unless
+      cross_attention_width='input').
+    num_heads: heads of the latent self-attention.
     ffn_units: FFN widths; the last must equal projection_dim (residual).
     num_transformer_blocks: blocks in the latent Transformer.
     num_iterations: applications of the cross-attention + Transformer.
@@ -122,9 +126,12 @@ class Perceiver(nn.Module):
     fourier_max_resolution: top frequency is this / 2; 0: the patch grid.
     fourier_mode: 'concat' Fourier features to the patches before the
       projection, or 'add' them after their own projection.
-    weight_sharing: one of WEIGHT_SHARING.
-    num_cross_heads: 0 (the seed's single head with a learned scale) or the
-      heads of a standard multi-head cross-attention; divides projection_dim.
+    weight_sharing: one of `sharing.WEIGHT_SHARING`.
+    num_cross_heads, cross_attention_width, cross_attention_residual,
+      latent_head_width: the cross-attention's heads and width, where its
+      residuals branch, the latent heads' width (see `blocks.RULES`).
+    latent_init: 'random_normal' (the seed's, stddev 0.05) or
+      'truncated_normal' (DeepMind's, stddev 0.02, cut at 2 stddev).
     decoder: one of DECODERS.
     logits_dropout: end the classifier with dropout on the logits (seed).
   """
@@ -150,6 +157,10 @@ class Perceiver(nn.Module):
   fourier_mode: str = 'concat'
   weight_sharing: str = 'all'
   num_cross_heads: int = 0
+  cross_attention_width: str = 'latent'
+  cross_attention_residual: str = 'normalized'
+  latent_head_width: str = 'full'
+  latent_init: str = 'random_normal'
   decoder: str = 'mean'
   logits_dropout: bool = True
 
@@ -167,17 +178,35 @@ class Perceiver(nn.Module):
     return (self.image_size // self.patch_size)**2
 
   @property
-  def num_weight_sets(self):
-    """Distinct cross-attention + Transformer weight sets."""
-    return {'all': 1, 'paper': min(self.num_iterations, 2),
-            'none': self.num_iterations}[self.weight_sharing]
+  def latent_head_dim(self):
+    """Width of each latent self-attention head."""
+    return (self.projection_dim if self.latent_head_width == 'full' else
+            self.projection_dim // self.num_heads)
+
+  def data_width(self, channels):
+    """Width of the data array the cross-attention reads."""
+    if self.cross_attention_width == 'latent':
+      return self.projection_dim
+    return self.patch_size**2 * channels + position_lib.num_fourier_features(
+        2, self.fourier_num_bands)
 
   def latent_attention_folded(self, batch_size):
     """Whether the latent self-attention runs folded at `batch_size`."""
     d = self.projection_dim
     return folded_lib.uses_folded_form(
         self.compute.attention_form, batch_size, self.latent_dim,
-        self.latent_dim, d, d, d, self.num_heads, d)
+        self.latent_dim, d, d, d, self.num_heads, self.latent_head_dim)
+
+  def cross_attention_folded(self, batch_size, channels):
+    """Whether the cross-attention runs folded (the seed's never does)."""
+    if not self.num_cross_heads:
+      return False
+    d, width = self.projection_dim, self.data_width(channels)
+    heads = self.num_cross_heads
+    return folded_lib.uses_folded_form(
+        self.compute.attention_form, batch_size, self.latent_dim,
+        self.num_patches, d, width, d, heads,
+        (d if self.cross_attention_width == 'latent' else width) // heads)
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -206,32 +235,45 @@ class Perceiver(nn.Module):
         dtype=self.dtype, position_encoding=self.position_encoding,
         fourier_num_bands=self.fourier_num_bands,
         fourier_max_resolution=self.fourier_max_resolution,
-        fourier_mode=self.fourier_mode, name='patch_encoder')(
-            images.astype(self.dtype))
+        fourier_mode=self.fourier_mode,
+        project=self.cross_attention_width == 'latent',
+        name='patch_encoder')(images.astype(self.dtype))
     latent_array = self.param(
-        'latent_array', nn.initializers.normal(stddev=0.05),  # random_normal
+        'latent_array',
+        nn.initializers.normal(stddev=0.05)  # Keras random_normal.
+        if self.latent_init == 'random_normal' else
+        nn.initializers.truncated_normal(stddev=0.02),
         (self.latent_dim, self.projection_dim), jnp.float32)
     latents = jnp.broadcast_to(latent_array.astype(self.dtype),
                                (images.shape[0],) + latent_array.shape)
-    # Each set is created once and called on its iterations: with 'all' (the
-    # seed) one set serves every iteration under the seed's names.
+    # Each set is created once and called on its iterations (`sharing.py`):
+    # with 'all' (the seed) one set serves every iteration.
     cross_cls = (blocks.remat(blocks.CrossAttentionBlock, 3) if self.remat
                  else blocks.CrossAttentionBlock)
-    suffix = lambda i: '' if self.weight_sharing == 'all' else f'_{i}'
-    cross_attentions, transformers = [], []
-    for i in range(self.num_weight_sets):
-      cross_attentions.append(cross_cls(
-          self.projection_dim, tuple(self.ffn_units),
-          num_heads=self.num_cross_heads, attention_init=self.attention_init,
-          name='cross_attention' + suffix(i), **common))
-      transformers.append(blocks.LatentTransformer(
-          self.num_transformer_blocks, self.num_heads, self.projection_dim,
-          tuple(self.ffn_units), attention_init=self.attention_init,
-          remat=self.remat, name='latent_transformer' + suffix(i), **common))
-    for t in range(self.num_iterations):
-      i = min(t, self.num_weight_sets - 1)
-      latents = cross_attentions[i](latents, data, deterministic)
-      latents = transformers[i](latents, deterministic=deterministic)
+    mode, t_max = self.weight_sharing, self.num_iterations
+    sets = lambda kind: range(sharing.num_weight_sets(mode, kind, t_max))
+    name = functools.partial(sharing.module_name, mode)
+    cross_attentions = [
+        cross_cls(self.projection_dim, tuple(self.ffn_units),
+                  num_heads=self.num_cross_heads,
+                  attention_init=self.attention_init,
+                  width=self.cross_attention_width,
+                  residual=self.cross_attention_residual,
+                  name=name(sharing.CROSS_ATTENTION, i), **common)
+        for i in sets(sharing.CROSS_ATTENTION)]
+    transformers = [
+        blocks.LatentTransformer(
+            self.num_transformer_blocks, self.num_heads, self.latent_head_dim,
+            tuple(self.ffn_units), attention_init=self.attention_init,
+            remat=self.remat, name=name(sharing.TRANSFORMER, i), **common)
+        for i in sets(sharing.TRANSFORMER)]
+    for t in range(t_max):
+      cross_attend = cross_attentions[
+          sharing.weight_set(mode, sharing.CROSS_ATTENTION, t)]
+      transformer = transformers[
+          sharing.weight_set(mode, sharing.TRANSFORMER, t)]
+      latents = cross_attend(latents, data, deterministic)
+      latents = transformer(latents, deterministic=deterministic)
     if self.decoder == 'mean':
       representation = jnp.mean(latents, axis=1)  # GlobalAveragePooling1D.
     else:
@@ -276,7 +318,9 @@ OPTION_DEFAULTS = dict(
     dtype='float32', attention_dropout_rate=0.1, attention_init='keras2',
     remat=False, position_encoding='learned', fourier_num_bands=64,
     fourier_max_resolution=0, fourier_mode='concat', weight_sharing='all',
-    num_cross_heads=0, decoder='mean', logits_dropout=True)
+    num_cross_heads=0, cross_attention_width='latent',
+    cross_attention_residual='normalized', latent_head_width='full',
+    latent_init='random_normal', decoder='mean', logits_dropout=True)
 
 
 def create_model(config, num_classes):

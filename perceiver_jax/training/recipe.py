@@ -18,6 +18,8 @@ OPTION_DEFAULTS = {
     'lr_schedule': 'plateau',
     'warmup_epochs': 0,
     'min_learning_rate': 0.0,
+    'lr_decay_epochs': (),
+    'lr_decay_factor': 0.1,
     'label_smoothing': 0.0,
     'weight_decay_mask': 'all',
     'grad_clip_norm': 0.0,
@@ -30,6 +32,9 @@ OPTION_DEFAULTS = {
 }
 
 
+# 'plateau' (the seed's controller), 'warmup_cosine', or 'step': divided by
+# 1 / lr_decay_factor at each of lr_decay_epochs (the Perceiver paper's).
+LR_SCHEDULES = ('plateau', 'warmup_cosine', 'step')
 _NON_NEGATIVE_OFF = checks.number(
     0.0, requirement='a non-negative number (0: off)', example=1.0)
 # The recipe's options, as the config takes them.
@@ -40,10 +45,17 @@ RULES = {
                                    example=0.001),
     'weight_decay': checks.number(0.0, requirement='a non-negative number',
                                   example=0.0001),
-    'lr_schedule': checks.one_of('plateau', 'warmup_cosine'),
+    'lr_schedule': checks.one_of(*LR_SCHEDULES),
     'warmup_epochs': checks.non_negative_int(example=5),
     'min_learning_rate': checks.number(
         0.0, requirement='a number in [0, learning_rate]', example=0.0),
+    'lr_decay_epochs': checks.Rule(
+        lambda v: isinstance(v, (tuple, list)) and all(
+            checks.is_int(e) and e > 0 for e in v) and all(
+                a < b for a, b in zip(v[:-1], v[1:])),
+        'increasing positive integers (epochs)', (84, 102, 114)),
+    'lr_decay_factor': checks.number(0.0, 1.0, low_open=True,
+                                     requirement='in (0, 1]', example=0.1),
     'label_smoothing': checks.number(0.0, 1.0, high_open=True,
                                      requirement='in [0, 1)', example=0.1),
     'weight_decay_mask': checks.one_of('all', 'kernels'),
@@ -67,12 +79,22 @@ def problems(values, field=str):
   """What is wrong across the recipe's options (`values`), as messages."""
   out = []
   warmup, epochs = values.get('warmup_epochs'), values.get('num_epochs')
-  if (values.get('lr_schedule') == 'warmup_cosine' and checks.is_int(warmup)
+  schedule = values.get('lr_schedule')
+  if (schedule in ('warmup_cosine', 'step') and checks.is_int(warmup)
       and checks.is_int(epochs) and warmup >= epochs):
     out.append(f'{field("warmup_epochs")}={warmup} must be smaller than '
                f'{field("num_epochs")}={epochs} with lr_schedule='
-               "'warmup_cosine'; pass e.g. --config.warmup_epochs="
+               f"'{schedule}'; pass e.g. --config.warmup_epochs="
                f'{max(epochs // 10, 0)}')
+  decays = values.get('lr_decay_epochs')
+  if (schedule == 'step' and checks.is_int(epochs) and
+      RULES['lr_decay_epochs'].ok(decays)):
+    late = [e for e in decays if e >= epochs]
+    if late:
+      out.append(f'{field("lr_decay_epochs")}={tuple(decays)!r} decays at '
+                 f'{late}, not before the end of {field("num_epochs")}='
+                 f'{epochs}: those decays would never happen; drop them or '
+                 'train longer')
   low, lr = values.get('min_learning_rate'), values.get('learning_rate')
   if (checks.is_number(low) and checks.is_number(lr) and lr > 0
       and low > lr):
@@ -94,7 +116,10 @@ class LearningRates:
   """The learning rate of every step, decided on the host.
 
   'plateau' (the seed): the ReduceLROnPlateau controller's current value.
-  'warmup_cosine': `optax.warmup_cosine_decay_schedule` of the global step,
+  'warmup_cosine': `optax.warmup_cosine_decay_schedule` of the global step.
+  'step': `learning_rate` times `lr_decay_factor` once for each of
+  `lr_decay_epochs` reached (the Perceiver paper's ImageNet schedule),
+  after a linear warm-up from 0 over `warmup_epochs` if any. A schedule is
   tabulated once, so a resumed run gets bit-identical rates and the plateau
   controller is not consulted. Either way the rate reaches the step as a
   float and is injected into the optimiser state (`steps.set_learning_rate`).
@@ -104,13 +129,26 @@ class LearningRates:
     self.steps_per_epoch = steps_per_epoch
     self.uses_plateau = option(config, 'lr_schedule') == 'plateau'
     self.table = None
-    if not self.uses_plateau:
-      total = config.num_epochs * steps_per_epoch
+    if self.uses_plateau:
+      return
+    total = config.num_epochs * steps_per_epoch
+    warmup_steps = option(config, 'warmup_epochs') * steps_per_epoch
+    if option(config, 'lr_schedule') == 'warmup_cosine':
       schedule = optax.warmup_cosine_decay_schedule(
           init_value=0.0, peak_value=config.learning_rate,
-          warmup_steps=option(config, 'warmup_epochs') * steps_per_epoch,
-          decay_steps=total, end_value=option(config, 'min_learning_rate'))
+          warmup_steps=warmup_steps, decay_steps=total,
+          end_value=option(config, 'min_learning_rate'))
       self.table = np.asarray(schedule(np.arange(total)), np.float32)
+      return
+    steps = np.arange(total)
+    boundaries = np.asarray(option(config, 'lr_decay_epochs'),
+                            np.int64) * steps_per_epoch
+    decays = np.searchsorted(boundaries, steps, side='right')
+    rates = config.learning_rate * np.power(
+        float(option(config, 'lr_decay_factor')), decays, dtype=np.float64)
+    if warmup_steps:
+      rates *= np.minimum(steps / warmup_steps, 1.0)
+    self.table = rates.astype(np.float32)
 
   def at(self, step, plateau_lr):
     """Rate of the update from `step` to `step + 1` (0-based)."""

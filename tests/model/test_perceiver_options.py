@@ -36,8 +36,9 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0}
 PAPER_OPTION_DEFAULTS = {
     name: perceiver.OPTION_DEFAULTS[name] for name in (
         'position_encoding', 'fourier_num_bands', 'fourier_max_resolution',
-        'fourier_mode', 'weight_sharing', 'num_cross_heads', 'decoder',
-        'logits_dropout')}
+        'fourier_mode', 'weight_sharing', 'num_cross_heads',
+        'cross_attention_width', 'cross_attention_residual',
+        'latent_head_width', 'latent_init', 'decoder', 'logits_dropout')}
 
 
 def tiny_config(**overrides):
@@ -82,6 +83,16 @@ def count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
+# Weight sets of (cross-attention, latent Transformer) per sharing mode, at
+# num_iterations t (see perceiver_jax/model/sharing.py).
+WEIGHT_SETS = {
+    'all': lambda t: (1, 1),
+    'first_cross_attend': lambda t: (min(t, 2), 1),
+    'first_iteration': lambda t: (min(t, 2), min(t, 2)),
+    'none': lambda t: (t, t),
+}
+
+
 def expected_param_count(config, num_classes, channels=3):
   """Trainable parameters of a config, layer by layer (not from the model)."""
   d = config.projection_dim
@@ -92,36 +103,43 @@ def expected_param_count(config, num_classes, channels=3):
     widths = (d,) + tuple(units)
     return sum(dense(a, b) for a, b in zip(widths[:-1], widths[1:]))
 
-  def multi_head(heads, head_dim):  # q/k/v kernels + biases, output.
-    return 3 * (d * heads * head_dim + heads * head_dim) + (
-        heads * head_dim * d + d)
+  def multi_head(heads, head_dim, kv_width=d):  # q/k/v kernels + biases, out.
+    return (dense(d, heads * head_dim) + 2 * dense(kv_width, heads * head_dim)
+            + dense(heads * head_dim, d))
 
   patch_values = config.patch_size**2 * channels
   grid = config.image_size // config.patch_size
-  if config.position_encoding == 'learned':
+  fourier = 2 * (1 + 2 * config.fourier_num_bands)  # (row, col), sin, cos.
+  data_width = d
+  if config.get('cross_attention_width', 'latent') == 'input':
+    patch_encoder = 0  # The data array: pixels and Fourier features as such.
+    data_width = patch_values + fourier
+  elif config.position_encoding == 'learned':
     patch_encoder = dense(patch_values, d) + grid * grid * d
   else:
-    fourier = 2 * (1 + 2 * config.fourier_num_bands)  # (row, col), sin, cos.
     patch_encoder = (dense(patch_values + fourier, d)
                      if config.fourier_mode == 'concat' else
                      dense(patch_values, d) + dense(fourier, d))
   k = config.num_cross_heads
   cross_attention_module = (3 * dense(d, d) + 1 if k == 0 else  # + scale
-                            multi_head(k, d // k))
-  cross_attention = (2 * layer_norm + cross_attention_module + layer_norm +
-                     ffn(config.ffn_units))
-  block = (layer_norm + multi_head(config.num_heads, d) + layer_norm +
+                            multi_head(k, data_width // k, data_width))
+  cross_attention = (layer_norm + 2 * data_width + cross_attention_module +
+                     layer_norm + ffn(config.ffn_units))
+  h = config.num_heads
+  latent_head_dim = (d // h if config.get('latent_head_width', 'full') ==
+                     'split' else d)
+  block = (layer_norm + multi_head(h, latent_head_dim) + layer_norm +
            ffn(config.ffn_units))
-  iteration = cross_attention + config.num_transformer_blocks * block
-  t = config.num_iterations
-  weight_sets = {'all': 1, 'paper': min(t, 2), 'none': t}[
-      config.weight_sharing]
+  transformer = config.num_transformer_blocks * block
+  cross_sets, transformer_sets = WEIGHT_SETS[config.weight_sharing](
+      config.num_iterations)
   decoder = 0
   if config.decoder == 'query':
     heads = max(k, 1)
     decoder = d + layer_norm + multi_head(heads, d // heads)  # query, LN.
   head = ffn(tuple(config.classifier_units) + (num_classes,))
-  return (config.latent_dim * d + patch_encoder + weight_sets * iteration +
+  return (config.latent_dim * d + patch_encoder +
+          cross_sets * cross_attention + transformer_sets * transformer +
           decoder + head)
 
 
@@ -229,9 +247,18 @@ def test_per_pixel_input_at_native_resolution(encoding):
 VARIANTS = [
     dict(),
     dict(num_iterations=3, weight_sharing='all'),
-    dict(num_iterations=3, weight_sharing='paper'),
+    dict(num_iterations=3, weight_sharing='first_cross_attend'),
+    dict(num_iterations=3, weight_sharing='first_iteration'),
     dict(num_iterations=3, weight_sharing='none'),
-    dict(num_iterations=1, weight_sharing='paper'),
+    dict(num_iterations=1, weight_sharing='first_iteration'),
+    dict(num_iterations=1, weight_sharing='first_cross_attend'),
+    dict(latent_head_width='split'),
+    dict(classifier_units=()),
+    dict(position_encoding='fourier', cross_attention_width='input',
+         num_cross_heads=1),
+    dict(position_encoding='fourier', cross_attention_width='input',
+         num_cross_heads=2, fourier_num_bands=3,  # 2 heads of 13.
+         weight_sharing='first_cross_attend', num_iterations=3),
     dict(num_cross_heads=1),
     dict(num_cross_heads=4),
     dict(decoder='query'),
@@ -241,8 +268,8 @@ VARIANTS = [
     dict(position_encoding='fourier', fourier_num_bands=5,
          fourier_max_resolution=32),
     dict(position_encoding='fourier', fourier_mode='add', num_iterations=3,
-         weight_sharing='paper', num_cross_heads=2, decoder='query',
-         logits_dropout=False),
+         weight_sharing='first_iteration', num_cross_heads=2,
+         decoder='query', logits_dropout=False),
 ]
 
 
@@ -254,7 +281,9 @@ def test_parameter_count_of_variant(overrides):
 
 
 @pytest.mark.parametrize('overrides', [
-    dict(), dict(weight_sharing='paper', num_iterations=8),
+    dict(), dict(weight_sharing='first_iteration', num_iterations=8),
+    dict(weight_sharing='first_cross_attend', num_iterations=8,
+         latent_head_width='split'),
     dict(position_encoding='fourier', num_cross_heads=8, decoder='query')])
 def test_parameter_count_at_cifar100_size(overrides):
   config = cifar100.get_config()
@@ -263,23 +292,30 @@ def test_parameter_count_at_cifar100_size(overrides):
 
 
 def test_weight_sets_per_sharing_mode():
-  sets = {}
-  for sharing in ('all', 'paper', 'none'):
+  names = {}
+  for sharing in WEIGHT_SETS:
     params = param_shapes(tiny_config(num_iterations=3,
                                       weight_sharing=sharing))
-    sets[sharing] = sorted(n for n in params if n.startswith('cross'))
-    suffixes = [n[len('cross_attention'):] for n in sets[sharing]]
-    assert sorted(n for n in params if n.startswith('latent_transformer')) == [
-        'latent_transformer' + s for s in suffixes]
-    one_set = count(params['cross_attention' + suffixes[0]]) + count(
-        params['latent_transformer' + suffixes[0]])
+    names[sharing] = sorted(n for n in params if n.startswith(
+        ('cross', 'latent_transformer')))
+    # Every set of a kind has the same size; the rest is shared by all.
+    one = {kind: count(params[next(n for n in names[sharing]
+                                   if n.startswith(kind))])
+           for kind in ('cross_attention', 'latent_transformer')}
     others = count({n: p for n, p in params.items()
-                    if not n.startswith(('cross', 'latent_transformer'))})
-    assert count(params) == others + len(sets[sharing]) * one_set
-  assert sets == {'all': ['cross_attention'],
-                  'paper': ['cross_attention_0', 'cross_attention_1'],
-                  'none': ['cross_attention_0', 'cross_attention_1',
-                           'cross_attention_2']}
+                    if n not in names[sharing]})
+    cross_sets, transformer_sets = WEIGHT_SETS[sharing](3)
+    assert count(params) == (others + cross_sets * one['cross_attention'] +
+                             transformer_sets * one['latent_transformer'])
+  assert names == {
+      'all': ['cross_attention', 'latent_transformer'],
+      'first_cross_attend': ['cross_attention_0', 'cross_attention_1',
+                             'latent_transformer'],
+      'first_iteration': ['cross_attention_0', 'cross_attention_1',
+                          'latent_transformer_0', 'latent_transformer_1'],
+      'none': ['cross_attention_0', 'cross_attention_1', 'cross_attention_2',
+               'latent_transformer_0', 'latent_transformer_1',
+               'latent_transformer_2']}
 
 
 def test_seed_parameter_tree_unchanged_by_explicit_defaults():
@@ -315,24 +351,42 @@ def test_weight_sharing_maps_iterations_to_weight_sets():
   apply = lambda model, p: model.apply({'params': p}, images, train=False)
   common = {n: p for n, p in params.items()
             if not n.startswith(('cross', 'latent_transformer'))}
-  weight_set = lambda i, suffix: {
-      'cross_attention' + suffix: params[f'cross_attention_{i}'],
-      'latent_transformer' + suffix: params[f'latent_transformer_{i}']}
+  cross = lambda i: params[f'cross_attention_{i}']
+  transformer = lambda i: params[f'latent_transformer_{i}']
 
-  def none_with_sets(*order):  # 'none' params with set j := set order[j].
-    return {**common, **{k: v for j, i in enumerate(order)
-                         for k, v in weight_set(i, f'_{j}').items()}}
+  def none_with_sets(cross_sets, transformer_sets):
+    # 'none' params whose iteration j uses cross-attention set
+    # cross_sets[j] and Transformer set transformer_sets[j].
+    return {**common,
+            **{f'cross_attention_{j}': cross(i)
+               for j, i in enumerate(cross_sets)},
+            **{f'latent_transformer_{j}': transformer(i)
+               for j, i in enumerate(transformer_sets)}}
 
-  paper = perceiver.create_model(sharing('paper'), NUM_CLASSES)
-  paper_logits = apply(paper, {**common, **weight_set(0, '_0'),
-                               **weight_set(1, '_1')})
-  np.testing.assert_allclose(apply(none_model, none_with_sets(0, 1, 1)),
-                             paper_logits, rtol=1e-5, atol=1e-6)
-  assert not np.allclose(apply(none_model, params), paper_logits, atol=1e-4)
+  first_iteration = apply(
+      perceiver.create_model(sharing('first_iteration'), NUM_CLASSES),
+      {**common, 'cross_attention_0': cross(0), 'cross_attention_1': cross(1),
+       'latent_transformer_0': transformer(0),
+       'latent_transformer_1': transformer(1)})
+  np.testing.assert_allclose(
+      apply(none_model, none_with_sets((0, 1, 1), (0, 1, 1))),
+      first_iteration, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(apply(none_model, params), first_iteration,
+                         atol=1e-4)
+  first_cross_attend = apply(
+      perceiver.create_model(sharing('first_cross_attend'), NUM_CLASSES),
+      {**common, 'cross_attention_0': cross(0), 'cross_attention_1': cross(1),
+       'latent_transformer': transformer(2)})
+  np.testing.assert_allclose(
+      apply(none_model, none_with_sets((0, 1, 1), (2, 2, 2))),
+      first_cross_attend, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(first_cross_attend, first_iteration, atol=1e-4)
   shared = perceiver.create_model(sharing('all'), NUM_CLASSES)
   np.testing.assert_allclose(
-      apply(shared, {**common, **weight_set(2, '')}),
-      apply(none_model, none_with_sets(2, 2, 2)), rtol=1e-5, atol=1e-6)
+      apply(shared, {**common, 'cross_attention': cross(2),
+                     'latent_transformer': transformer(2)}),
+      apply(none_model, none_with_sets((2, 2, 2), (2, 2, 2))), rtol=1e-5,
+      atol=1e-6)
 
 
 def test_iterations_sharing_weights_draw_different_dropout_masks(
@@ -517,7 +571,8 @@ def test_logits_dropout_is_the_only_difference_in_training():
 
 @pytest.mark.parametrize('overrides, heads', [
     (dict(), 1),
-    (dict(num_iterations=3, weight_sharing='paper', num_cross_heads=2,
+    (dict(num_iterations=3, weight_sharing='first_iteration',
+          num_cross_heads=2,
           decoder='query', num_transformer_blocks=1), 2),
 ])
 def test_sown_cross_attention_weights(overrides, heads):
@@ -591,7 +646,8 @@ def test_sown_weights_through_remat(weight_sharing):
      'config.projection_dim=256'),
     ('num_cross_heads', -1, 'config.num_cross_heads=-1 must be a non-negative'),
     ('weight_sharing', 'some',
-     "config.weight_sharing='some' must be 'all', 'paper' or 'none'"),
+     "config.weight_sharing='some' must be 'all', 'first_cross_attend', "
+     "'first_iteration' or 'none'"),
     ('decoder', 'cls', "config.decoder='cls' must be 'mean' or 'query'"),
     ('fourier_mode', 'mul', "config.fourier_mode='mul' must be 'concat' or"),
     ('fourier_num_bands', 0, 'config.fourier_num_bands=0 must be a positive'),
@@ -625,7 +681,9 @@ def test_config_lib_accepts_paper_options_and_old_configs():
     (dict(fourier_num_bands=0), 'fourier_num_bands must be a positive integer'),
     (dict(fourier_max_resolution=-1),
      'fourier_max_resolution must be a non-negative integer'),
-    (dict(weight_sharing='some'), "weight_sharing must be 'all', 'paper' or"),
+    (dict(weight_sharing='some'),
+     "weight_sharing must be 'all', 'first_cross_attend', 'first_iteration' "
+     'or'),
     (dict(decoder='cls'), "decoder must be 'mean' or 'query'"),
     (dict(num_cross_heads=3), 'num_cross_heads=3 must divide projection_dim'),
 ])
@@ -651,7 +709,7 @@ def test_submodules_reject_bad_options():
 
 def test_bfloat16_with_every_option():
   config = tiny_config(position_encoding='fourier', num_cross_heads=2,
-                       decoder='query', weight_sharing='paper',
+                       decoder='query', weight_sharing='first_iteration',
                        num_transformer_blocks=1, dtype='bfloat16')
   images = images_for(config)
   model, variables = build(config, images)

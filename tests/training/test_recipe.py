@@ -11,6 +11,7 @@ import functools
 from configs import cifar100
 from configs import cifar100_paper
 from configs import fake_data
+from configs import imagenet_perceiver
 import chex
 import jax
 import jax.numpy as jnp
@@ -90,8 +91,12 @@ def test_defaults_are_the_seed_and_valid():
 
 
 @pytest.mark.parametrize('name,value,message', [
-    ('lr_schedule', 'cosine', "'plateau' or 'warmup_cosine'"),
+    ('lr_schedule', 'cosine', "'plateau', 'warmup_cosine' or 'step'"),
     ('warmup_epochs', -1, 'a non-negative integer'),
+    ('lr_decay_epochs', (84, 84), 'increasing positive integers (epochs)'),
+    ('lr_decay_epochs', (0, 10), 'increasing positive integers (epochs)'),
+    ('lr_decay_factor', 0.0, 'in (0, 1]'),
+    ('lr_decay_factor', 1.5, 'in (0, 1]'),
     ('min_learning_rate', 0.5, 'a number in [0, learning_rate]'),
     ('label_smoothing', 1.0, 'in [0, 1)'),
     ('weight_decay_mask', 'bias', "'all' or 'kernels'"),
@@ -121,6 +126,21 @@ def test_warmup_must_be_shorter_than_the_run():
       "with lr_schedule='warmup_cosine'; pass e.g. --config.warmup_epochs=5."]
   config.lr_schedule = 'plateau'  # Unused by the plateau schedule.
   assert config_lib.config_problems(config) == []
+  config.lr_schedule = 'step'
+  assert config_lib.config_problems(config) == [
+      "config.warmup_epochs=50 must be smaller than config.num_epochs=50 "
+      "with lr_schedule='step'; pass e.g. --config.warmup_epochs=5."]
+
+
+def test_step_decays_must_fall_inside_the_run():
+  config = cifar100.get_config()
+  config.lr_decay_epochs = (10, 50, 60)
+  assert config_lib.config_problems(config) == []  # The plateau ignores it.
+  config.lr_schedule = 'step'
+  assert config_lib.config_problems(config) == [
+      'config.lr_decay_epochs=(10, 50, 60) decays at [50, 60], not before '
+      'the end of config.num_epochs=50: those decays would never happen; '
+      'drop them or train longer.']
 
 
 def test_default_train_step_equals_plain_lamb_and_the_seed_loss():
@@ -133,8 +153,9 @@ def test_default_train_step_equals_plain_lamb_and_the_seed_loss():
 
   def reference_step(params, opt_state, step, batch):
     augment_key, dropout_key = steps.step_rngs(config.seed, step)
-    images = augment.preprocess_train(augment_key, batch['image'], STATS['mean'],
-                                      STATS['variance'], config.image_size)
+    images = augment.preprocess_train(augment_key, batch['image'],
+                                      STATS['mean'], STATS['variance'],
+                                      config.image_size)
 
     def loss_fn(p):
       logits = model.apply({'params': p}, images, train=True,
@@ -214,6 +235,35 @@ def test_decay_mask_decays_only_dense_kernels(overrides):
   assert kept == expected
 
 
+def test_decay_mask_of_the_imagenet_model():
+  """Only the Dense kernels decay: not the latent array, biases or
+  LayerNorms; the Fourier features and the unprojected pixels have no
+  parameters to decay."""
+  config = imagenet_perceiver.get_config()
+  assert config.weight_decay_mask == 'kernels'
+  params = jax.eval_shape(
+      functools.partial(create_model(config, 1000).init, train=False),
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']
+  mask = {jax.tree_util.keystr(p): v for p, v in
+          jax.tree_util.tree_leaves_with_path(recipe.decay_mask(params))}
+  leaves = {jax.tree_util.keystr(p): leaf for p, leaf in
+            jax.tree_util.tree_leaves_with_path(params)}
+  assert 'patch_encoder' not in params
+  assert not mask["['latent_array']"]
+  decayed = {k for k, v in mask.items() if v}
+  assert decayed == {k for k in leaves if k.endswith("['kernel']")}
+  kept = {k.rsplit("['", 1)[1][:-2] for k in set(mask) - decayed}
+  assert kept == {'bias', 'scale', 'latent_array'}
+  size = lambda keys: sum(int(np.prod(leaves[k].shape)) for k in keys)
+  # Undecayed: the 512 x 1024 latents; Dense biases (2 cross-attends: q, k,
+  # v 261, output and MLP 3 x 1024; 6 blocks: 6 x 1024; the head's 1000);
+  # LayerNorm scales and offsets (2 x (1024 + 261 + 1024), 6 x 2 x 1024).
+  biases = 2 * (3 * 261 + 3 * 1024) + 6 * 6 * 1024 + 1000
+  norms = 2 * 2 * (1024 + 261 + 1024) + 6 * 2 * 2 * 1024
+  assert size(set(mask) - decayed) == 512 * 1024 + biases + norms
+  assert size(decayed) + size(set(mask) - decayed) == 44_912_254
+
+
 def test_kernels_mask_leaves_biases_undecayed():
   params = {'dense': {'kernel': jnp.ones((3, 4)), 'bias': jnp.ones(4)},
             'latent_array': jnp.ones((2, 4))}
@@ -264,6 +314,34 @@ def test_warmup_cosine_learning_rates():
   plateau = recipe.LearningRates(small_config(), steps_per_epoch=10)
   assert plateau.uses_plateau
   assert plateau.at(7, 0.25) == plateau.of_epoch(3, 0.25) == 0.25
+
+
+@pytest.mark.parametrize('warmup_epochs', [0, 2])
+def test_step_learning_rates(warmup_epochs):
+  config = small_config(lr_schedule='step', learning_rate=4e-3,
+                        lr_decay_epochs=(5, 7), lr_decay_factor=0.1,
+                        num_epochs=8, warmup_epochs=warmup_epochs)
+  rates = recipe.LearningRates(config, steps_per_epoch=4)
+  assert not rates.uses_plateau
+  table = np.asarray([rates.at(s, plateau_lr=123.0) for s in range(32)])
+  # 4e-3 for epochs 0-4, 4e-4 for 5-6, 4e-5 for 7: steps 20 and 28 decay.
+  expected = np.repeat([4e-3, 4e-4, 4e-5], [20, 8, 4])
+  if warmup_epochs:  # Linear from 0 over the first 2 epochs (8 steps).
+    expected[:8] *= np.arange(8) / 8
+  np.testing.assert_allclose(table, expected, rtol=1e-6)
+  assert rates.at(10**6, 123.0) == pytest.approx(4e-5)
+  assert rates.of_epoch(5, 123.0) == pytest.approx(4e-4)
+  assert rates.of_epoch(0, 123.0) == pytest.approx(
+      4e-3 * (np.mean(np.arange(4) / 8) if warmup_epochs else 1.0))
+
+
+def test_imagenet_step_schedule():
+  config = imagenet_perceiver.get_config()
+  rates = recipe.LearningRates(config, steps_per_epoch=2)
+  epochs = [rates.of_epoch(e, plateau_lr=1.0) for e in range(120)]
+  np.testing.assert_allclose(
+      epochs, np.repeat([4e-3, 4e-4, 4e-5, 4e-6], [84, 18, 12, 6]),
+      rtol=1e-6)
 
 
 # --------------------------------------------------------------------------
@@ -442,3 +520,19 @@ def test_paper_config_is_valid():
   config = cifar100_paper.get_config()
   assert config_lib.config_problems(config) == []
   assert config.lr_schedule == 'warmup_cosine' and config.ema_decay > 0
+
+
+def test_imagenet_test_config_trains_a_step():
+  """The paper's options and recipe (RandAugment, masked decay, clipping)
+  on a shrunk model: one train step."""
+  config = imagenet_perceiver.get_config('test')
+  assert config_lib.config_problems(config) == []
+  run = _train(config, 1, num_steps=1, with_eval=False)
+  (before, after), (metrics,) = run['params'], run['history']
+  assert np.isfinite(metrics['loss']) and metrics['count'] == 16
+  assert set(before) == {'latent_array', 'cross_attention_0',
+                         'cross_attention_1', 'latent_transformer',
+                         'classifier'}
+  for name in before:  # Every weight set and the latents learn.
+    assert any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(before[name]), jax.tree.leaves(after[name]))), name
