@@ -20,9 +20,26 @@ def get_config():
   config.dataset = 'cifar100'
   config.tfds_data_dir = config_dict.placeholder(str)
   config.validation_split = 0.1
+  config.test_split = 'test'  # The tfds split tested at the end.
   # Use tfds mock data (random images, no download); for smoke runs and tests.
   config.mock_data = False
   config.mock_num_examples = 0
+  # Where manually downloaded archives are (datasets that need them, e.g.
+  # imagenet2012; see README).
+  config.tfds_manual_dir = config_dict.placeholder(str)
+  # 'memory' (decode once, keep in host memory), 'stream' (read ArrayRecord
+  # files in worker processes) or 'auto' (memory while it fits: CIFAR).
+  config.data_storage = 'auto'
+  config.data_workers = -1  # Streaming workers; -1: one per core but one.
+  # Host crop: 'none' (images as stored) or 'inception' (random-resized crop
+  # and flip for training, resize and centre crop of this share to eval).
+  config.host_crop = 'none'
+  config.eval_crop_fraction = 0.875
+  # Device augmentation of training images: 'seed' (flip and zoom, as the
+  # Keras example) or 'none' (normalise and resize only).
+  config.device_augment = 'seed'
+  # Normalisation statistics from this many training examples (0: all).
+  config.normalization_examples = 0
 
   # Optimisation (LAMB, as in the seed).
   config.learning_rate = 0.001
@@ -66,11 +83,18 @@ def get_config():
   config.early_stopping = ml_collections.ConfigDict(
       dict(patience=15, min_delta=0.0, restore_best_weights=True))
 
+  # Start from the weights another run's training tested (its --workdir);
+  # the class count may differ (the classifier's last layer starts afresh).
+  config.init_from = config_dict.placeholder(str)
+
   # Checkpointing and logging.
   config.checkpoint_max_to_keep = 3
   # Also save every N steps inside an epoch (0: only at epoch ends).
   config.checkpoint_every_steps = 0
   config.log_every_steps = 50
+  # jax.profiler trace of train steps (first, count) into WORKDIR/profile;
+  # () or count 0: off. Step 1 compiles; see training/profiling.py.
+  config.profile_steps = ()
 
   # ---- Perceiver paper options (model/perceiver.py); defaults: the seed. ----
   # 'learned' (the seed's position embedding) or 'fourier' (the paper's
@@ -82,11 +106,22 @@ def get_config():
   # 'add': their own Dense to projection_dim, added after the projection.
   config.fourier_mode = 'concat'
   # 'all' (seed: one cross-attention + Transformer for every iteration),
-  # 'paper' (iteration 1 unshared, 2..T share) or 'none' (T sets).
+  # 'first_cross_attend' (the paper's: cross-attention 1 own, 2..T share
+  # one; one Transformer), 'first_iteration' (iteration 1 own cross-attention
+  # and Transformer, 2..T share) or 'none' (T sets).
   config.weight_sharing = 'all'
   # 0 (seed: one head, learned scalar scale, no output projection) or k
   # heads of projection_dim // k, 1/sqrt(head_dim), output projection.
   config.num_cross_heads = 0
+  # 'latent' (seed: patches projected to projection_dim first) or 'input'
+  # (paper: unprojected pixels + Fourier features; heads split their width).
+  config.cross_attention_width = 'latent'
+  # 'normalized' (seed: residuals add LayerNorm outputs) or 'pre_norm'.
+  config.cross_attention_residual = 'normalized'
+  # Latent heads 'full' (seed: each projection_dim wide) or 'split' (d / h).
+  config.latent_head_width = 'full'
+  # 'random_normal' (seed, stddev 0.05) or 'truncated_normal' (0.02).
+  config.latent_init = 'random_normal'
   # 'mean' over latents (seed) or 'query' (Perceiver IO: a learned query
   # cross-attends the latents); then the classifier FFN.
   config.decoder = 'mean'
@@ -95,12 +130,17 @@ def get_config():
 
   # ---- Recipe options beyond the seed (training/recipe.py, data/mixing.py,
   # randaugment.py); the defaults are the seed's exact behaviour. ----
-  # 'plateau' (seed: ReduceLROnPlateau above) or 'warmup_cosine': per step,
-  # linear from 0 to learning_rate over warmup_epochs, then cosine down to
-  # min_learning_rate at the end of num_epochs (plateau then unused).
+  # 'plateau' (seed: ReduceLROnPlateau above), 'step' (below) or
+  # 'warmup_cosine': per step, linear from 0 to learning_rate over
+  # warmup_epochs, then cosine down to min_learning_rate at the end of
+  # num_epochs (plateau then unused).
   config.lr_schedule = 'plateau'
   config.warmup_epochs = 0
   config.min_learning_rate = 0.0
+  # 'step': learning_rate x lr_decay_factor at each of lr_decay_epochs,
+  # after warmup_epochs of linear warm-up (plateau then unused).
+  config.lr_decay_epochs = ()
+  config.lr_decay_factor = 0.1
   config.label_smoothing = 0.0  # Train loss only; eval loss stays plain CE.
   # 'all' (seed) or 'kernels': decay only Dense kernels (no biases, norms,
   # scales, position embeddings, latent array, queries).

@@ -16,7 +16,8 @@ class ConfigError(errors.InputError):
 # override with `--config.FIELD=`: they change batching, where the data lives
 # or the compute precision, not which model or data the weights belong to.
 TOOL_OVERRIDABLE_FIELDS = ('batch_size', 'tfds_data_dir', 'dtype',
-                           'attention_impl', 'attention_form')
+                           'attention_impl', 'attention_form', 'data_storage',
+                           'data_workers')
 
 
 # Fields saved under another name by earlier versions: old name -> new.
@@ -36,15 +37,20 @@ def _sources():
   across fields. Imported here, so `main.py --help` needs no jax.
   """
   # pylint: disable=g-import-not-at-top
+  from perceiver_jax.data import augment
+  from perceiver_jax.data import host_transforms
   from perceiver_jax.data import splits
+  from perceiver_jax.data import storage
   from perceiver_jax.model import compute
   from perceiver_jax.model import perceiver
   from perceiver_jax.training import callbacks
   from perceiver_jax.training import checkpointing
   from perceiver_jax.training import metrics
+  from perceiver_jax.training import profiling
   from perceiver_jax.training import recipe
   from perceiver_jax.training import sharding
   from perceiver_jax.training import steps
+  from perceiver_jax.training import transfer
   # pylint: enable=g-import-not-at-top
   none = lambda values, field: []
   return [
@@ -52,12 +58,17 @@ def _sources():
        perceiver.OPTION_DEFAULTS, perceiver.problems),
       (compute.RULES, compute.CONFIG_DEFAULTS, none),
       (recipe.RULES, recipe.OPTION_DEFAULTS, recipe.problems),
-      (splits.RULES, {}, splits.problems),
+      (splits.RULES, splits.OPTION_DEFAULTS, splits.problems),
+      (storage.RULES, storage.OPTION_DEFAULTS, storage.problems),
+      (host_transforms.RULES, host_transforms.OPTION_DEFAULTS, none),
+      (augment.RULES, augment.OPTION_DEFAULTS, none),
       (callbacks.RULES, {}, none),
       (checkpointing.RULES, {}, none),
       (metrics.RULES, {}, none),
       (sharding.RULES, {}, none),
       (steps.RULES, {}, none),
+      (transfer.RULES, transfer.OPTION_DEFAULTS, none),
+      (profiling.RULES, profiling.CONFIG_DEFAULTS, none),
   ]
 
 

@@ -1,7 +1,12 @@
 """Test setup: 8 simulated CPU devices, so sharded code runs as on a pod."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
+
+import pytest
 
 # Must happen before jax is imported anywhere.
 os.environ['XLA_FLAGS'] = ' '.join(
@@ -12,5 +17,21 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# One persistent compilation cache for every process the tests start
+# (main.py runs, multi-host workers): many compile the same programs. Made
+# once by the first process to get here (pytest-xdist's workers inherit it)
+# and removed by it at exit.
+if 'PERCEIVER_TEST_JAX_CACHE' not in os.environ:
+  os.environ['PERCEIVER_TEST_JAX_CACHE'] = tempfile.mkdtemp(
+      prefix='perceiver_test_jax_cache_')
+  atexit.register(shutil.rmtree, os.environ['PERCEIVER_TEST_JAX_CACHE'],
+                  ignore_errors=True)
+
 # The `fake_cifar100` fixture, for every test module.
 pytest_plugins = ['tests.data.tfds_fixtures']
+
+
+@pytest.fixture(scope='session')
+def cache_dir():
+  """The session's persistent compilation cache (see above)."""
+  return os.environ['PERCEIVER_TEST_JAX_CACHE']

@@ -1,14 +1,16 @@
-"""Config validation: every bad value is named with its fix before any compile."""
+"""Config validation: each bad value named with its fix before any compile."""
 
 import pytest
 
 from configs import cifar100
 from configs import fake_data
+from configs import imagenet_perceiver
 from perceiver_jax import config_lib
 
 
-@pytest.mark.parametrize('get_config', [cifar100.get_config,
-                                        fake_data.get_config])
+@pytest.mark.parametrize('get_config', [
+    cifar100.get_config, fake_data.get_config, imagenet_perceiver.get_config,
+    lambda: imagenet_perceiver.get_config('test')])
 def test_shipped_configs_are_valid(get_config):
   assert not config_lib.config_problems(get_config())
 

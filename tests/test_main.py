@@ -68,17 +68,18 @@ def test_mistyped_config_path_is_one_line_listing_the_configs(tmp_path):
   assert proc.stderr.strip() == (
       'Error: --config=configs/no_such_config.py: no such file. The configs '
       'are: configs/cifar100.py, configs/cifar100_fast.py, '
-      'configs/cifar100_paper.py, configs/fake_data.py.')
+      'configs/cifar100_paper.py, configs/fake_data.py, '
+      'configs/imagenet_perceiver.py.')
 
 
 def test_design_command_starts_with_a_default_workdir(tmp_path):
   """`python main.py --config=configs/cifar100.py`, up to the download."""
   stop_at_prepare = (
-      'from perceiver_jax.data import input_pipeline\n'
+      'from perceiver_jax.data import datasets\n'
       'def prepare(config):\n'
       '  print("PREPARE", config.dataset)\n'
       '  sys.exit(0)\n'
-      'input_pipeline.prepare = prepare\n'
+      'datasets.prepare = prepare\n'
       'replacement = loop.train_and_evaluate\n')
   proc = _main_with(stop_at_prepare,
                     f'--config={os.path.join(ROOT, "configs/cifar100.py")}',

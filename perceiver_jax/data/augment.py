@@ -21,6 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from perceiver_jax import checks
+
+# On the device, training images get the seed's flip and zoom ('seed') or
+# only the normalisation and resize evaluation gets ('none': for data the
+# host already cropped and flipped, see host_transforms.py).
+DEVICE_AUGMENTS = ('seed', 'none')
+RULES = {'device_augment': checks.one_of(*DEVICE_AUGMENTS)}
+OPTION_DEFAULTS = {'device_augment': 'seed'}
+
 # `keras.backend.epsilon()`; Keras' Normalization divides by
 # max(sqrt(variance), epsilon).
 _EPSILON = 1e-7

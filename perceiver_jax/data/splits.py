@@ -4,7 +4,8 @@ With n = the number of examples of tfds 'train' and
 n_train = floor(n * (1 - validation_split)) (Keras' `validation_split` rule):
   train      = tfds 'train' examples [0, n_train)
   validation = tfds 'train' examples [n_train, n)
-  test       = tfds 'test'
+  test       = tfds `test_split` ('test'; ImageNet's labelled held-out
+               set is 'validation')
 in tfds' stored order (fixed when the dataset was prepared). A split of m
 examples is cut into k contiguous shards, shard i holding examples
 [floor(i*m/k), floor((i+1)*m/k)), so shard sizes differ by at most one.
@@ -32,7 +33,14 @@ RULES = {
         requirement='strictly between 0 and 1 (the held-out fraction of '
         'tfds "train")'),
     'mock_data': checks.BOOL,
+    'test_split': checks.Rule(lambda v: isinstance(v, str) and bool(v),
+                              'the name of a tfds split', 'validation'),
+    'tfds_manual_dir': checks.Rule(
+        lambda v: v is None or (isinstance(v, str) and bool(v)),
+        'a directory path or unset (datasets with a manual download, e.g. '
+        'imagenet2012)', '/data/imagenet_tars'),
 }
+OPTION_DEFAULTS = {'tfds_manual_dir': None, 'test_split': 'test'}
 
 
 def problems(values, field=str):
@@ -45,7 +53,7 @@ def problems(values, field=str):
 
 
 def split_ranges(num_train_records, num_test_records, validation_split,
-                 dataset=''):
+                 dataset='', test_split='test'):
   """`{split: (tfds split, start, stop)}` of the three splits.
 
   Raises:
@@ -55,7 +63,7 @@ def split_ranges(num_train_records, num_test_records, validation_split,
   n_train = int(math.floor(n * (1.0 - validation_split)))
   ranges = {'train': ('train', 0, n_train),
             'validation': ('train', n_train, n),
-            'test': ('test', 0, num_test_records)}
+            'test': (test_split, 0, num_test_records)}
   for split, (_, start, stop) in ranges.items():
     if stop <= start:
       raise errors.InputError(

@@ -153,18 +153,19 @@ def render(images, maps, latents, tile=TILE):
 
 def first_test_examples(config, num_images):
   """The first `num_images` test examples, in the pipeline's order."""
-  pipeline = input_pipeline.Pipeline(config, num_shards=1, shard_indices=[0])
-  if not 0 < num_images <= pipeline.num_test_examples:
-    raise errors.InputError(
-        f'--num_images={num_images} must be between 1 and the '
-        f'{pipeline.num_test_examples} test examples.')
   images, labels = [], []
-  for batch in pipeline.eval_batches('test'):
-    keep = batch['mask'] > 0
-    images.append(batch['image'][keep])
-    labels.append(batch['label'][keep])
-    if sum(len(x) for x in images) >= num_images:
-      break
+  with input_pipeline.Pipeline(config, num_shards=1,
+                               shard_indices=[0]) as pipeline:
+    if not 0 < num_images <= pipeline.num_test_examples:
+      raise errors.InputError(
+          f'--num_images={num_images} must be between 1 and the '
+          f'{pipeline.num_test_examples} test examples.')
+    for batch in pipeline.eval_batches('test'):
+      keep = batch['mask'] > 0
+      images.append(batch['image'][keep])
+      labels.append(batch['label'][keep])
+      if sum(len(x) for x in images) >= num_images:
+        break
   return (np.concatenate(images)[:num_images],
           np.concatenate(labels)[:num_images])
 

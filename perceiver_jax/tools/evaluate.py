@@ -8,6 +8,7 @@ result is printed the way the Keras example prints it.
 
 import jax
 
+from perceiver_jax.data import datasets
 from perceiver_jax.data import input_pipeline
 from perceiver_jax.tools import trained as trained_lib
 from perceiver_jax.training import loop
@@ -28,10 +29,7 @@ def run(workdir, *, overrides=None):
   mesh = sharding_lib.create_mesh()
   sharding_lib.check_batch_size(config.batch_size, mesh)
   trained = trained_lib.load(workdir, overrides=overrides, mesh=mesh)
-  input_pipeline.prepare(config)
-  pipeline = input_pipeline.Pipeline(
-      config, num_shards=mesh.devices.size,
-      shard_indices=sharding_lib.local_shard_indices(mesh))
+  datasets.prepare(config)
   _, eval_step = steps.jit_steps(config, trained.stats, mesh,
                                  trained.state_shardings)
   counts = []
@@ -42,7 +40,11 @@ def run(workdir, *, overrides=None):
     return out
 
   # eval_step evaluates `recipe.eval_params(state)`, as training's test did.
-  test = loop.evaluate(counting_step, trained.state, pipeline, 'test', mesh)
+  with input_pipeline.Pipeline(
+      config, num_shards=mesh.devices.size,
+      shard_indices=sharding_lib.local_shard_indices(mesh)) as pipeline:
+    test = loop.evaluate(counting_step, trained.state, pipeline, 'test',
+                         mesh)
   results = {'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
              'test_top5_accuracy': test['top5_accuracy'],
              'num_examples': int(sum(float(c) for c in jax.device_get(counts))),

@@ -20,7 +20,7 @@ from PIL import ImageOps
 from PIL import UnidentifiedImageError
 
 from perceiver_jax import errors
-from perceiver_jax.data import input_pipeline
+from perceiver_jax.data import datasets
 from perceiver_jax.tools import trained as trained_lib
 
 TOP_K = 5
@@ -136,7 +136,7 @@ def run(workdir, paths: Sequence[str], *, overrides=None, k=TOP_K):
   trained_lib.check_workdir(workdir)
   config = trained_lib.load_config(workdir, overrides)
   # Decode everything first: a bad file fails in seconds, not after loading.
-  images = load_images(paths, input_pipeline.get_dataset_info(config))
+  images = load_images(paths, datasets.get_dataset_info(config))
   trained = trained_lib.load(
       workdir, overrides=overrides, mesh=trained_lib.single_device_mesh())
   predictions = predict(trained, paths, k, images=images)

@@ -19,12 +19,11 @@ from etils import epath
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.data import augment
-from perceiver_jax.data import input_pipeline
+from perceiver_jax.data import datasets
 from perceiver_jax.model import perceiver
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import metrics as metrics_lib
@@ -118,84 +117,12 @@ def class_names(workdir, info):
   return info.class_names
 
 
-def _newest_meta(manager, steps):
-  """The meta of the newest checkpoint whose meta reads, and its step."""
-  for step in steps:
-    try:
-      return step, manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore()))['meta']
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning('Checkpoint %s/%d is unreadable (%s); trying the '
-                      'previous one.', manager.directory, step, e)
-  raise errors.InputError(
-      f'No checkpoint in {manager.directory} can be read; the run must be '
-      'trained again (or its checkpoints restored from a backup).')
-
-
-def select_checkpoint(manager, restore_best=True):
-  """`(step, description)` of the weights training tested.
-
-  With `restore_best` (the run's `early_stopping.restore_best_weights`) that
-  is the early-stopping best, which the newest checkpoint's meta records, as
-  training's final test reads it (orbax keeps its own best marker in memory
-  only). With no best recorded, or its checkpoint gone, the latest is used,
-  with a warning. Without `restore_best` training tested its final weights:
-  the latest checkpoint.
-  """
-  manager.reload()
-  all_steps = sorted(manager.all_steps(), reverse=True)
-  step, meta = _newest_meta(manager, all_steps)
-  if not restore_best:
-    return step, 'latest'
-  best = meta.get(checkpointing.BEST_MARKER)
-  if best is not None and best in all_steps:
-    return best, 'best'
-  reason = ('no epoch has finished, so no best is recorded' if best is None
-            else f'the best checkpoint (step {best}) was deleted')
-  logging.warning('%s in %s; using the latest checkpoint, step %d.',
-                  reason[0].upper() + reason[1:], manager.directory, step)
-  return step, 'latest'
-
-
-def _restore_for_tools(manager, abstract, restore_best):
-  """`(step, which, state, meta)`: `select_checkpoint`'s choice, restored.
-
-  A damaged choice is reported and skipped: the next readable checkpoint,
-  newest first, is used instead (with a warning, since those are not the
-  weights training tested).
-  """
-  first = select_checkpoint(manager, restore_best)
-  others = [(s, 'last readable') for s in sorted(manager.all_steps(),
-                                                 reverse=True)
-            if s != first[0]]
-  failures = []
-  for step, which in [first] + others:
-    try:
-      state, meta = checkpointing.restore(manager, step, abstract)
-    except Exception as e:  # pylint: disable=broad-except
-      first_line = (str(e).strip().splitlines() or [''])[0][:200]
-      failures.append(f'step {step}: {type(e).__name__}: {first_line}')
-      logging.warning('The %s checkpoint %s/%d is unreadable (%s); trying '
-                      'the newest other one.', which, manager.directory, step,
-                      failures[-1])
-      continue
-    if failures:
-      logging.warning('Using checkpoint %s/%d instead of the %s one: these '
-                      'are not the weights training tested.',
-                      manager.directory, step, first[1])
-    return step, which, state, meta
-  raise errors.InputError(
-      f'No checkpoint in {manager.directory} could be restored ('
-      + '; '.join(failures) + '). Was the run written by a different version '
-      'of the model or train-state code?')
-
-
 @dataclasses.dataclass
 class TrainedModel:
   """A workdir's model with its restored weights and everything to run it."""
   workdir: Any
   config: ml_collections.ConfigDict
-  info: input_pipeline.DatasetInfo
+  info: datasets.DatasetInfo
   class_names: Sequence[str]
   stats: dict
   model: Any
@@ -248,7 +175,9 @@ def _abstract_state(config, model, image_shape, mesh):
 
 
 def load(workdir, *, overrides=None, mesh=None):
-  """Restores the weights a workdir's training tested (`select_checkpoint`).
+  """Restores the weights a workdir's training tested.
+
+  See `checkpointing.select_checkpoint`; a damaged choice is skipped.
 
   Args:
     workdir: a training run's workdir.
@@ -261,17 +190,17 @@ def load(workdir, *, overrides=None, mesh=None):
   path = check_workdir(workdir)
   config = load_config(workdir, overrides)
   stats = load_stats(workdir)
-  info = input_pipeline.get_dataset_info(config)
+  info = datasets.get_dataset_info(config)
   mesh = sharding_lib.create_mesh() if mesh is None else mesh
   model = perceiver.create_model(config, info.num_classes)
   image_shape = (config.image_size, config.image_size, info.channels)
   abstract, shardings = _abstract_state(config, model, image_shape, mesh)
   manager = checkpointing.create_manager(
-      (path / workdir_lib.CHECKPOINTS).resolve(),
-      max_to_keep=config.checkpoint_max_to_keep)
+      (path / workdir_lib.CHECKPOINTS).resolve(), read_only=True)
   try:
-    step, which, state, meta = _restore_for_tools(
-        manager, abstract, config.early_stopping.restore_best_weights)
+    step, which, (state, meta) = checkpointing.restore_tested(
+        manager, config.early_stopping.restore_best_weights,
+        lambda step: checkpointing.restore(manager, step, abstract))
   finally:
     manager.close()
   return TrainedModel(

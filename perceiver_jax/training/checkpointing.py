@@ -34,13 +34,14 @@ RULES = {
 }
 
 
-def create_manager(directory, *, max_to_keep):
+def create_manager(directory, *, max_to_keep=1, read_only=False):
   """Keeps the latest `max_to_keep` checkpoints and the early-stopping best.
 
   Epoch-end saves carry the metric `best_step`: their step when early
   stopping judged the epoch an improvement, else -1. The checkpoint where it
   is highest is the latest improvement, i.e. the best by Keras'
   EarlyStopping (min_delta included) rather than by raw val_loss.
+  `read_only` managers (the tools', transfer's) never write or delete.
   """
   preservation = policies.AnyPreservationPolicy([
       policies.LatestN(max_to_keep),
@@ -48,7 +49,8 @@ def create_manager(directory, *, max_to_keep):
                      keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=preservation, create=True,
+      preservation_policy=preservation, create=not read_only,
+      read_only=read_only,
       enable_async_checkpointing=True,
       # Without best_fn orbax does not persist the metrics, and a manager
       # reopened on resume would no longer know which checkpoint is best.
@@ -149,6 +151,93 @@ def restore_latest(manager, abstract_state):
         'restored into this model (see the warnings above). Use a new '
         '--workdir, or move the checkpoints away to start over.')
   return None
+
+
+def _newest_meta(manager, steps):
+  """The meta of the newest checkpoint whose meta reads, and its step."""
+  for step in steps:
+    try:
+      return step, manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Checkpoint %s/%d is unreadable (%s); trying the '
+                      'previous one.', manager.directory, step, e)
+  raise errors.InputError(
+      f'No checkpoint in {manager.directory} can be read; the run must be '
+      'trained again (or its checkpoints restored from a backup).')
+
+
+def select_checkpoint(manager, restore_best=True):
+  """`(step, description)` of the weights training tested.
+
+  With `restore_best` (the run's `early_stopping.restore_best_weights`) that
+  is the early-stopping best, which the newest checkpoint's meta records, as
+  training's final test reads it (orbax keeps its own best marker in memory
+  only). With no best recorded, or its checkpoint gone, the latest is used,
+  with a warning. Without `restore_best` training tested its final weights:
+  the latest checkpoint.
+  """
+  manager.reload()
+  all_steps = sorted(manager.all_steps(), reverse=True)
+  step, meta = _newest_meta(manager, all_steps)
+  if not restore_best:
+    return step, 'latest'
+  best = meta.get(BEST_MARKER)
+  if best is not None and best in all_steps:
+    return best, 'best'
+  reason = ('no epoch has finished, so no best is recorded' if best is None
+            else f'the best checkpoint (step {best}) was deleted')
+  logging.warning('%s in %s; using the latest checkpoint, step %d.',
+                  reason[0].upper() + reason[1:], manager.directory, step)
+  return step, 'latest'
+
+
+def restore_tested(manager, restore_best, restore_step):
+  """`(step, which, restore_step(step))` for `select_checkpoint`'s choice.
+
+  A damaged choice is reported and skipped: the next readable checkpoint,
+  newest first, is used instead (with a warning, since those are not the
+  weights training tested). `which` is 'best', 'latest' or 'last readable'.
+  """
+  first = select_checkpoint(manager, restore_best)
+  others = [(s, 'last readable') for s in sorted(manager.all_steps(),
+                                                 reverse=True)
+            if s != first[0]]
+  failures = []
+  for step, which in [first] + others:
+    try:
+      restored = restore_step(step)
+    except Exception as e:  # pylint: disable=broad-except
+      first_line = (str(e).strip().splitlines() or [''])[0][:200]
+      failures.append(f'step {step}: {type(e).__name__}: {first_line}')
+      logging.warning('The %s checkpoint %s/%d is unreadable (%s); trying '
+                      'the newest other one.', which, manager.directory, step,
+                      failures[-1])
+      continue
+    if failures:
+      logging.warning('Using checkpoint %s/%d instead of the %s one: these '
+                      'are not the weights training tested.',
+                      manager.directory, step, first[1])
+    return step, which, restored
+  raise errors.InputError(
+      f'No checkpoint in {manager.directory} could be restored ('
+      + '; '.join(failures) + '). Was the run written by a different version '
+      'of the model or train-state code?')
+
+
+def restore_arrays(manager, step):
+  """The `state` item of checkpoint `step` as numpy arrays, unsharded.
+
+  For reading another run's weights (transfer), whose optimiser state and
+  devices need not match this run's.
+  """
+  path = epath.Path(manager.directory) / str(step) / 'state'
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                      tree)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      restore_args=args))
 
 
 def abstract(tree):

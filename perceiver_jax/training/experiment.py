@@ -9,33 +9,48 @@ the learning-rate schedule and the checkpoint manager.
 
 import logging
 
+import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
 from perceiver_jax import config_lib
 from perceiver_jax import errors
+from perceiver_jax.data import datasets
 from perceiver_jax.data import input_pipeline
+from perceiver_jax.data import host_transforms
 from perceiver_jax.data import splits as splits_lib
+from perceiver_jax.data import storage
 from perceiver_jax.model import perceiver
 from perceiver_jax.training import callbacks
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import metrics as metrics_lib
+from perceiver_jax.training import profiling
 from perceiver_jax.training import recipe
 from perceiver_jax.training import resume
 from perceiver_jax.training import sharding as sharding_lib
 from perceiver_jax.training import steps
+from perceiver_jax.training import transfer
 from perceiver_jax.training import workdir as workdir_lib
 
 
 def data_source(config, pipeline):
   """What the training statistics are computed on, as JSON-able values."""
   info = pipeline.info
-  return {'dataset': info.name, 'version': info.version,
-          'mock_data': bool(config.mock_data),
-          'validation_split': config.validation_split,
-          'image_shape': [info.height, info.width, info.channels],
-          'num_examples': {s: getattr(pipeline, f'num_{s}_examples')
-                           for s in splits_lib.SPLITS}}
+  source = {'dataset': info.name, 'version': info.version,
+            'mock_data': bool(config.mock_data),
+            'validation_split': config.validation_split,
+            'image_shape': [info.height, info.width, info.channels],
+            'num_examples': {s: getattr(pipeline, f'num_{s}_examples')
+                             for s in splits_lib.SPLITS}}
+  # Recorded when not the default, so sources recorded before these
+  # options existed still match.
+  for module, name in ((host_transforms, 'host_crop'),
+                       (host_transforms, 'eval_crop_fraction'),
+                       (storage, 'normalization_examples')):
+    value = config.get(name, module.OPTION_DEFAULTS[name])
+    if value != module.OPTION_DEFAULTS[name]:
+      source[name] = value
+  return source
 
 
 def _differences(recorded, current, prefix=''):
@@ -123,16 +138,27 @@ class Experiment:
     self.workdir = workdir_lib.prepare(workdir)
     self.saved_config = workdir_lib.read_json(self.workdir, workdir_lib.CONFIG)
     resume.check_compatible(self.workdir, config, self.saved_config)
-    input_pipeline.get_dataset_info(config)  # Validates name and features.
+    datasets.get_dataset_info(config)  # Validates name and features.
     self.mesh = sharding_lib.create_mesh()
     sharding_lib.check_batch_size(config.batch_size, self.mesh)
     metrics_lib.write_json(self.workdir / workdir_lib.CONFIG,
                            config.to_dict())
-    input_pipeline.prepare(config)
+    datasets.prepare(config)
     self.pipeline = input_pipeline.Pipeline(
         config, num_shards=self.mesh.devices.size,
         shard_indices=sharding_lib.local_shard_indices(self.mesh))
     self.info = self.pipeline.info  # Class names are known once prepared.
+    try:  # From here on a failure must stop the pipeline's workers.
+      self._build(config)
+    except BaseException:
+      self.pipeline.close()
+      raise
+
+  def _build(self, config):
+    """Statistics, model, state, steps, schedule, checkpoints, logs."""
+    # Refuses a profile window past the end before anything compiles.
+    self.profile = profiling.Profile(config, self.workdir,
+                                     self.pipeline.steps_per_epoch)
     self.stats = normalization_stats(self.workdir, config, self.pipeline,
                                      workdir_lib.has_checkpoints(self.workdir))
     self.model = perceiver.create_model(config, self.info.num_classes)
@@ -154,13 +180,24 @@ class Experiment:
     restored = checkpointing.restore_latest(
         self.manager, checkpointing.abstract(self.state))
     if restored is None:
-      return self.state, initial_meta(self.config)
+      return self._fresh_state(), initial_meta(self.config)
     state, meta = restored
     logging.info('Resuming from step %d (epoch %d done).', int(state.step),
                  meta['epoch'])
     return resume.adopt_config(state, meta, self.config, self.saved_config)
 
+  def _fresh_state(self):
+    """The initial state, with `config.init_from`'s weights if it is set."""
+    if not self.config.get('init_from'):
+      return self.state
+    params = jax.device_put(
+        transfer.pretrained_params(self.config, self.state.params),
+        self.state_shardings.params)
+    ema = None if self.state.ema_params is None else params
+    return self.state.replace(params=params, ema_params=ema)
+
   def close(self):
+    self.pipeline.close()
     self.manager.wait_until_finished()
     self.writer.close()
     self.manager.close()

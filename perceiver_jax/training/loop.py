@@ -45,7 +45,8 @@ def train_and_evaluate(config, workdir):
       _log_setup(ex)
       state, meta = ex.restore_or_init()
       faults = faults_lib.Faults.from_env()
-      state, meta = train(ex, state, meta, watcher, faults)
+      with ex.profile:  # Stops a trace the run leaves open, however it ends.
+        state, meta = train(ex, state, meta, watcher, faults)
       ex.manager.wait_until_finished()
       return test(ex, state, meta)
     finally:
@@ -57,11 +58,14 @@ def train_and_evaluate(config, workdir):
 def train(ex, state, meta, watcher, faults):
   """Runs the epochs `meta` has not done; returns the final state and meta."""
   step = int(state.step)
+  spe = ex.pipeline.steps_per_epoch
+  batches = ex.pipeline.train_batches(meta['epoch'],
+                                      step - meta['epoch'] * spe)
   for epoch in range(meta['epoch'], ex.config.num_epochs):
     if _stopping(meta).should_stop:
       break
     state, step, log, preempted = train_epoch(ex, state, meta, epoch, step,
-                                              watcher, faults)
+                                              batches, watcher, faults)
     meta = end_epoch(ex, state, meta, epoch, step, log, faults)
     if preempted:
       ex.manager.wait_until_finished()
@@ -69,8 +73,8 @@ def train(ex, state, meta, watcher, faults):
   return state, meta
 
 
-def train_epoch(ex, state, meta, epoch, step, watcher, faults):
-  """The remaining steps of `epoch` from global `step`.
+def train_epoch(ex, state, meta, epoch, step, batches, watcher, faults):
+  """The remaining steps of `epoch` from global `step`, fed by `batches`.
 
   Returns `(state, step, log, preempted)`; a preemption notice before the
   epoch's last step saves and raises `preemption.Preempted` here.
@@ -82,11 +86,11 @@ def train_epoch(ex, state, meta, epoch, step, watcher, faults):
                              config.batch_size, config.log_every_steps,
                              meta['epoch_sums'])
   preempted = False
+  train_step = ex.profile.wrap(ex.train_step, step)  # config.profile_steps
   for s in range(first, spe):
-    batch = sharding_lib.global_batch(ex.mesh,
-                                      ex.pipeline.train_batch(epoch, s))
+    batch = sharding_lib.global_batch(ex.mesh, next(batches))
     lr = faults.learning_rate(step, ex.learning_rates.at(step, plateau_lr))
-    state, step_metrics = ex.train_step(state, batch, lr)
+    state, step_metrics = train_step(state, batch, lr)
     step += 1
     preempted = watcher.reached(step)
     save = s + 1 < spe and (preempted or _save_due(config, step))

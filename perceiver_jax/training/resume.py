@@ -41,6 +41,8 @@ RESUMABLE_FIELDS = (
     'plateau', 'early_stopping', 'lr_schedule', 'warmup_epochs',
     'min_learning_rate', 'label_smoothing', 'mixup_alpha', 'cutmix_alpha',
     'mix_prob', 'randaugment_num_ops', 'randaugment_magnitude',
+    'data_storage', 'data_workers', 'tfds_manual_dir', 'init_from',
+    'lr_decay_epochs', 'lr_decay_factor', 'profile_steps',
 )
 
 

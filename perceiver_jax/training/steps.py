@@ -101,8 +101,13 @@ def augment_train(augment_key, batch, config, stats):
     images = randaugment.rand_augment(
         jax.random.fold_in(augment_key, 1), images, num_ops,
         recipe.option(config, 'randaugment_magnitude'))
-  images = augment.preprocess_train(augment_key, images, stats['mean'],
-                                    stats['variance'], config.image_size)
+  if config.get('device_augment', augment.OPTION_DEFAULTS['device_augment']
+                ) == 'seed':
+    images = augment.preprocess_train(augment_key, images, stats['mean'],
+                                      stats['variance'], config.image_size)
+  else:  # The host cropped and flipped already (host_crop='inception').
+    images = augment.preprocess_eval(images, stats['mean'],
+                                     stats['variance'], config.image_size)
   mixup_alpha = recipe.option(config, 'mixup_alpha')
   cutmix_alpha = recipe.option(config, 'cutmix_alpha')
   if not (mixup_alpha or cutmix_alpha):

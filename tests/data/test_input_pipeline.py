@@ -1,8 +1,10 @@
-"""perceiver_jax.input_pipeline on a tiny real CIFAR-100 and on tfds mock data.
+"""The input pipeline on a tiny real CIFAR-100 and on tfds mock data.
 
-The real one (tests/tfds_fixtures.py) is prepared offline by tfds' own
+The real one (tests/data/tfds_fixtures.py) is prepared offline by tfds' own
 cifar100 builder; its examples carry their id in pixel (0, 0), so every
-example the pipeline returns can be traced back to the fake archive.
+example the pipeline returns can be traced back to the fake archive. The
+order and coverage tests run on both storages (in memory, and streamed
+without worker processes; tests/data/test_streaming.py covers the workers).
 """
 
 import concurrent.futures
@@ -16,7 +18,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import fake_data
+from perceiver_jax.data import datasets
 from perceiver_jax.data import input_pipeline
+from perceiver_jax.data import memory
 from tests.data import tfds_fixtures
 
 # pylint: disable=redefined-outer-name  (pytest fixtures as arguments)
@@ -36,9 +40,14 @@ def _cached_pipeline(data_dir, num_shards, shard_indices, overrides):
                                  shard_indices=shard_indices)
 
 
+STORAGES = ('memory', 'stream')
+
+
 def pipeline(fake, num_shards=4, shard_indices=(0, 1, 2, 3), **overrides):
   """Pipelines hold no state once built, so tests share them."""
   overrides.setdefault('batch_size', 8)
+  overrides.setdefault('data_storage', 'memory')
+  overrides.setdefault('data_workers', 0)
   return _cached_pipeline(fake.data_dir, num_shards, tuple(shard_indices),
                           tuple(sorted(overrides.items())))
 
@@ -47,9 +56,7 @@ def pipeline(fake, num_shards=4, shard_indices=(0, 1, 2, 3), **overrides):
 def stored(fake_cifar100):
   """Ids of tfds 'train' and 'test' in tfds' stored order, read by tfds."""
   builder = tfds.builder('cifar100', data_dir=fake_cifar100.data_dir)
-  read_config = tfds.ReadConfig(interleave_cycle_length=1)
-  return {s: np.array([ids(ex['image']) for ex in tfds.as_numpy(
-      builder.as_dataset(s, shuffle_files=False, read_config=read_config))])
+  return {s: np.array([ids(ex['image']) for ex in builder.as_data_source(s)])
           for s in ('train', 'test')}
 
 
@@ -105,9 +112,9 @@ def test_prepare_runs_the_real_builder_offline(fake_cifar100, stored):
                                 np.arange(tfds_fixtures.NUM_TRAIN))
   np.testing.assert_array_equal(
       np.sort(stored['test']), tfds_fixtures.NUM_TRAIN + np.arange(30))
-  info = input_pipeline.get_dataset_info(
+  info = datasets.get_dataset_info(
       tfds_fixtures.make_config(fake_cifar100.data_dir))
-  assert info == input_pipeline.DatasetInfo(
+  assert info == datasets.DatasetInfo(
       'cifar100', 32, 32, 3, 100, tfds_fixtures.FINE_NAMES, '3.0.2')
 
 
@@ -115,7 +122,7 @@ def test_prepare_runs_the_real_builder_offline(fake_cifar100, stored):
     (0.1, 90), (0.15, 85), (0.333, 66), (0.99, 1)])  # floor(100 * 0.667).
 def test_split_boundaries(fake_cifar100, stored, validation_split, num_train):
   p = pipeline(fake_cifar100, 1, (0,), batch_size=1,
-               validation_split=validation_split)
+               validation_split=validation_split, data_storage='stream')
   assert (p.num_train_examples, p.num_validation_examples,
           p.num_test_examples) == (num_train, 100 - num_train, 30)
   assert p.steps_per_epoch == num_train
@@ -138,8 +145,9 @@ def test_rejects_validation_split_leaving_a_split_empty(fake_cifar100,
     pipeline(fake_cifar100, 1, (0,), validation_split=validation_split)
 
 
-def test_shards_partition_each_split(fake_cifar100, stored):
-  p = pipeline(fake_cifar100)
+@pytest.mark.parametrize('storage', STORAGES)
+def test_shards_partition_each_split(fake_cifar100, stored, storage):
+  p = pipeline(fake_cifar100, data_storage=storage)
   for split in ('validation', 'test'):
     got = eval_ids_per_shard(p, split)
     for i in range(4):
@@ -164,14 +172,15 @@ def test_shards_partition_each_split(fake_cifar100, stored):
 
 def test_process_reads_only_its_shards(fake_cifar100, monkeypatch):
   reads = []
-  real_read = input_pipeline._read  # pylint: disable=protected-access
+  real_read = memory._read_records  # pylint: disable=protected-access
 
-  def spy(builder, tfds_split, start, stop, info):
-    reads.append((tfds_split, start, stop))
-    return real_read(builder, tfds_split, start, stop, info)
+  def spy(source, start, stop, transform):
+    reads.append((source.split, start, stop))
+    return real_read(source, start, stop, transform)
 
-  monkeypatch.setattr(input_pipeline, '_read', spy)
-  config = tfds_fixtures.make_config(fake_cifar100.data_dir, batch_size=8)
+  monkeypatch.setattr(memory, '_read_records', spy)
+  config = tfds_fixtures.make_config(fake_cifar100.data_dir, batch_size=8,
+                                     data_storage='memory')
   input_pipeline.Pipeline(config, num_shards=4, shard_indices=[2, 3])
   # train = stored [0, 90) cut at 0/22/45/67/90; validation [90, 100).
   assert sorted(reads) == sorted([
@@ -210,9 +219,11 @@ def test_train_batch_is_a_pure_function(fake_cifar100):
     p.train_batch(0, p.steps_per_epoch)
 
 
-def test_global_batch_independent_of_process_layout(fake_cifar100):
-  whole = pipeline(fake_cifar100)
-  halves = [pipeline(fake_cifar100, 4, s) for s in ((0, 1), (2, 3))]
+@pytest.mark.parametrize('storage', STORAGES)
+def test_global_batch_independent_of_process_layout(fake_cifar100, storage):
+  whole = pipeline(fake_cifar100, data_storage=storage)
+  halves = [pipeline(fake_cifar100, 4, s, data_storage=storage)
+            for s in ((0, 1), (2, 3))]
   for epoch, step in [(0, 0), (0, 10), (7, 4)]:
     parts = [h.train_batch(epoch, step) for h in halves]
     want = whole.train_batch(epoch, step)
@@ -229,8 +240,10 @@ def test_global_batch_independent_of_process_layout(fake_cifar100):
             np.concatenate([part[key] for part in parts]), want[key])
 
 
-def test_eval_covers_every_example_once(fake_cifar100, stored):
-  p = pipeline(fake_cifar100)  # Per-shard batch 2; test shards of 7 and 8.
+@pytest.mark.parametrize('storage', STORAGES)
+def test_eval_covers_every_example_once(fake_cifar100, stored, storage):
+  # Per-shard batch 2; test shards of 7 and 8.
+  p = pipeline(fake_cifar100, data_storage=storage)
   assert (p.num_eval_steps('validation'), p.num_eval_steps('test')) == (2, 4)
   for split in ('validation', 'test'):
     batches = list(p.eval_batches(split))
@@ -251,7 +264,8 @@ def test_normalization_stats_match_numpy(fake_cifar100, stored):
   train_ids = expected_split(stored, 'train')
   pixels = fake_cifar100.train_images[train_ids].reshape(-1, 3)
   want = {'mean': pixels.mean(0), 'variance': pixels.var(0)}
-  for p in (pipeline(fake_cifar100), pipeline(fake_cifar100, 1, (0,))):
+  for p in (pipeline(fake_cifar100), pipeline(fake_cifar100, 1, (0,)),
+            pipeline(fake_cifar100, 1, (0,), data_storage='stream')):
     got = p.normalization_stats()
     for key in want:
       assert got[key].dtype == np.float64 and got[key].shape == (3,)
@@ -290,26 +304,6 @@ def test_normalization_stats_sum_over_processes(fake_cifar100, stored,
                                rtol=1e-12)
 
 
-def test_prepare_orders_processes_around_a_barrier(fake_cifar100,
-                                                   monkeypatch):
-  events = []
-  monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  monkeypatch.setattr(multihost_utils, 'sync_global_devices',
-                      lambda name: events.append('barrier'))
-  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
-                      lambda self, **kwargs: events.append('prepare'))
-  config = tfds_fixtures.make_config(fake_cifar100.data_dir)
-  for index, want in ((0, ['prepare', 'barrier']), (1, ['barrier', 'prepare'])):
-    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
-    events.clear()
-    input_pipeline.prepare(config)
-    assert events == want
-  events.clear()
-  config.mock_data = True
-  input_pipeline.prepare(config)
-  assert not events
-
-
 @pytest.mark.parametrize('dataset,native,channels,num_classes', [
     ('cifar100', 32, 3, 100), ('mnist', 28, 1, 10),
     ('tf_flowers', None, 3, 5)])  # Variable size: resized to image_size.
@@ -318,7 +312,7 @@ def test_mock_data(tmp_path, dataset, native, channels, num_classes):
   config.dataset, config.tfds_data_dir = dataset, str(tmp_path)
   n = config.mock_num_examples
   size = native or config.image_size
-  info = input_pipeline.get_dataset_info(config)
+  info = datasets.get_dataset_info(config)
   assert (info.height, info.width, info.channels, info.num_classes) == (
       size, size, channels, num_classes)
   p = input_pipeline.Pipeline(config, num_shards=2, shard_indices=[1])
@@ -331,24 +325,3 @@ def test_mock_data(tmp_path, dataset, native, channels, num_classes):
   assert batch['label'].dtype == np.int32
   assert ((batch['label'] >= 0) & (batch['label'] < num_classes)).all()
   assert sum(b['mask'].sum() for b in p.eval_batches('test')) == n
-
-
-@pytest.mark.parametrize('dataset,message', [
-    ('cifar1000', "'cifar1000' is not a tfds dataset. Did you mean 'cifar100'"),
-    ('imdb_reviews', r"must have an `image` feature.*\['label', 'text'\]"),
-    ('celeb_a', 'must have an `image` feature.*`label` feature'),
-])
-def test_dataset_info_rejects_unusable_datasets(tmp_path, dataset, message):
-  config = tfds_fixtures.make_config(tmp_path, dataset=dataset)
-  with pytest.raises(ValueError, match=message):
-    input_pipeline.get_dataset_info(config)
-
-
-def test_dataset_info_rejects_missing_data_dir(tmp_path):
-  for data_dir in (tmp_path / 'nope', tmp_path / 'file'):
-    (tmp_path / 'file').write_text('')
-    config = tfds_fixtures.make_config(data_dir)
-    with pytest.raises(ValueError, match='tfds_data_dir=.*not a readable'):
-      input_pipeline.get_dataset_info(config)
-    with pytest.raises(ValueError, match='tfds_data_dir'):
-      input_pipeline.prepare(config)

@@ -3,7 +3,7 @@
 `write_cifar100_archive` writes a fake `cifar-100-binary.tar.gz` in the
 original binary format (what tfds' builder reads: records of 1 coarse-label
 byte, 1 fine-label byte and 3072 CHW pixel bytes, plus the label-name files).
-`prepare_fake_cifar100` then runs `input_pipeline.prepare`, i.e. the builder's
+`prepare_fake_cifar100` then runs `datasets.prepare`, i.e. the builder's
 real download_and_prepare: tfds "downloads" the archive through its own
 downloader (a file copy, since the URL is a local path), records the size and
 sha256, extracts the tar.gz and writes the tfrecords. The only seam is the
@@ -24,7 +24,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import cifar100 as cifar100_config
-from perceiver_jax.data import input_pipeline
+from perceiver_jax.data import datasets
 
 NUM_TRAIN = 100
 NUM_TEST = 30
@@ -87,8 +87,12 @@ def _no_network(url, *args, **kwargs):
   raise AssertionError(f'Test tried to download {url}.')
 
 
-def prepare_fake_cifar100(root):
-  """Builds the archive under `root` and prepares it into `root`/tfds."""
+def prepare_fake_cifar100(root, tfrecord=False):
+  """Builds the archive under `root` and prepares it into `root`/tfds.
+
+  As the pipeline prepares datasets (ArrayRecord), or as TFRecord, as tfds
+  prepares them by default (datasets prepared before ArrayRecord was used).
+  """
   root = pathlib.Path(root)
   train = fake_examples(NUM_TRAIN, 0, seed=1)
   test = fake_examples(NUM_TEST, NUM_TRAIN, seed=2)
@@ -104,10 +108,67 @@ def prepare_fake_cifar100(root):
     mp.setattr(builder_cls, '_cifar_info', local_info)
     mp.setattr('tensorflow_datasets.core.download.downloader._open_url',
                _no_network)
-    input_pipeline.prepare(make_config(data_dir))
+    if tfrecord:
+      datasets.builder(make_config(data_dir)).download_and_prepare()
+    else:
+      datasets.prepare(make_config(data_dir))
   return FakeCifar100(str(data_dir), *train, *test)
 
 
 @pytest.fixture(scope='session')
 def fake_cifar100(tmp_path_factory):
   return prepare_fake_cifar100(tmp_path_factory.mktemp('fake_cifar100'))
+
+
+@pytest.fixture(scope='session')
+def fake_cifar100_tfrecord(tmp_path_factory):
+  return prepare_fake_cifar100(tmp_path_factory.mktemp('fake_cifar100_tfr'),
+                               tfrecord=True)
+
+
+class TinyJpegs(tfds.core.GeneratorBasedBuilder):
+  """JPEGs of varying sizes (ImageNet-like, in miniature), 5 classes.
+
+  Pixel (0, 0)'s neighbourhood is not kept by JPEG, so examples are told
+  apart by their labels and sizes only; the tests that need exact ids use
+  the fake CIFAR-100.
+  """
+  VERSION = tfds.core.Version('1.0.0')
+  NUM_TRAIN = 48
+  NUM_TEST = 14
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3),
+                                         encoding_format='jpeg'),
+            'label': tfds.features.ClassLabel(num_classes=5)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples(self.NUM_TRAIN, 0),
+            'test': self._generate_examples(self.NUM_TEST, 1)}
+
+  def _generate_examples(self, num, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(num):
+      height, width = rng.integers(24, 72, 2)
+      # Smooth images, so JPEG keeps them close to what was written.
+      base = rng.integers(0, 256, (4, 4, 3)).astype(np.float64)
+      image = np.kron(base, np.ones((18, 18, 1)))[:height, :width]
+      yield f'{seed}_{i}', {'image': image.astype(np.uint8),
+                            'label': i % 5}
+
+
+def prepare_tiny_jpegs(root):
+  """TinyJpegs prepared as ArrayRecord under `root`; returns the data dir."""
+  data_dir = pathlib.Path(root) / 'tfds'
+  TinyJpegs(data_dir=str(data_dir)).download_and_prepare(
+      file_format='array_record')
+  return str(data_dir)
+
+
+@pytest.fixture(scope='session')
+def tiny_jpegs(tmp_path_factory):
+  return prepare_tiny_jpegs(tmp_path_factory.mktemp('tiny_jpegs'))

@@ -14,7 +14,6 @@ import sys
 import types
 import zlib
 
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -29,6 +28,7 @@ from perceiver_jax.training import checkpointing
 from perceiver_jax.training import loop
 from perceiver_jax.training import recipe
 from tests.support import ROOT
+from tests.support import subprocess_env
 
 MOCK_EXAMPLES = 16  # Per shard; 8 devices, so 128 test examples.
 
@@ -67,33 +67,6 @@ def test_eval_reproduces_results_json_on_every_test_example(workdir, capsys):
           in out.splitlines())
   assert (f'Test top 5 accuracy: '
           f'{round(saved["test_top5_accuracy"] * 100, 2)}%' in out.splitlines())
-
-
-def _state(value):
-  return {'params': {'w': jnp.full((2,), float(value))},
-          'step': jnp.asarray(value, jnp.int32)}
-
-
-def test_select_checkpoint_prefers_the_recorded_best(tmp_path, caplog):
-  manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=5)
-  checkpointing.save(manager, 10, _state(1), {'best_step': 10}, is_best=True)
-  checkpointing.save(manager, 20, _state(2), {'best_step': 10}, is_best=False)
-  checkpointing.save(manager, 25, _state(3), {'best_step': 10})  # Mid-epoch.
-  manager.wait_until_finished()
-  assert trained_lib.select_checkpoint(manager) == (10, 'best')
-
-  # No epoch finished: no best is recorded, so the latest, with a warning.
-  other = checkpointing.create_manager(tmp_path / 'none', max_to_keep=5)
-  checkpointing.save(other, 3, _state(3), {'best_step': None})
-  other.wait_until_finished()
-  with caplog.at_level('WARNING'):
-    assert trained_lib.select_checkpoint(other) == (3, 'latest')
-  assert 'latest checkpoint' in caplog.text
-  # restore_best_weights=False: training tested its final weights.
-  assert trained_lib.select_checkpoint(manager, restore_best=False) == (
-      25, 'latest')
-  manager.close()
-  other.close()
 
 
 def _truncate_arrays(checkpoint):
@@ -270,7 +243,7 @@ def test_decompression_bombs_are_refused_by_name(tmp_path, side):
 
 def test_cli_errors_are_one_paragraph(workdir, tmp_path):
   path, _ = workdir
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = subprocess_env(devices=1)
   proc = subprocess.run(
       [sys.executable, 'main.py', '--mode=predict', f'--workdir={path}',
        f'--images={tmp_path / "missing.jpg"}'],

@@ -1,4 +1,4 @@
-"""Orbax checkpoints: latest few plus the early-stopping best, fallback on damage."""
+"""Orbax checkpoints: the latest few and the best, fallback on damage."""
 
 import os
 
@@ -118,3 +118,25 @@ def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     checkpointing.restore_latest(manager, checkpointing.abstract(other_model))
   # The code, not the files, may be at fault: nothing is set aside.
   assert sorted(os.listdir(tmp_path / 'ckpt')) == ['10', '20']
+
+
+def test_select_checkpoint_prefers_the_recorded_best(tmp_path, caplog):
+  manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=5)
+  checkpointing.save(manager, 10, _state(1), {'best_step': 10}, is_best=True)
+  checkpointing.save(manager, 20, _state(2), {'best_step': 10}, is_best=False)
+  checkpointing.save(manager, 25, _state(3), {'best_step': 10})  # Mid-epoch.
+  manager.wait_until_finished()
+  assert checkpointing.select_checkpoint(manager) == (10, 'best')
+
+  # No epoch finished: no best is recorded, so the latest, with a warning.
+  other = checkpointing.create_manager(tmp_path / 'none', max_to_keep=5)
+  checkpointing.save(other, 3, _state(3), {'best_step': None})
+  other.wait_until_finished()
+  with caplog.at_level('WARNING'):
+    assert checkpointing.select_checkpoint(other) == (3, 'latest')
+  assert 'latest checkpoint' in caplog.text
+  # restore_best_weights=False: training tested its final weights.
+  assert checkpointing.select_checkpoint(manager, restore_best=False) == (
+      25, 'latest')
+  manager.close()
+  other.close()

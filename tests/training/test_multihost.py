@@ -1,5 +1,13 @@
-"""Two processes x two CPU devices train exactly like one process x four."""
+"""Two processes x two CPU devices train exactly like one process x four.
 
+On tiny JPEGs streamed by grain worker processes, spawned beside processes
+that joined jax.distributed. Which examples each host reads is the sampler's
+alone, shared by both storages: tests/data/test_input_pipeline.py checks, for
+each storage in one process, that the global batch does not depend on how
+the shards are spread over processes.
+"""
+
+import json
 import os
 import re
 import signal
@@ -11,6 +19,7 @@ import numpy as np
 
 from tests.training.test_steps import assert_params_close
 from tests.support import ROOT
+from tests.support import subprocess_env
 
 WORKER = os.path.join(ROOT, 'tests', 'training', 'multihost_worker.py')
 
@@ -21,12 +30,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(workdir, out, num_processes, process_id, port, devices):
-  env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
+def _launch(workdir, out, num_processes, process_id, port, devices,
+            overrides=None):
+  env = subprocess_env(devices)  # The worker sets XLA_FLAGS itself.
+  env.pop('XLA_FLAGS')
   return subprocess.Popen(
       [sys.executable, WORKER, str(workdir), str(out), str(num_processes),
-       str(process_id), str(port), str(devices)],
+       str(process_id), str(port), str(devices),
+       json.dumps(overrides or {})],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True)
 
@@ -38,11 +49,16 @@ def _wait(procs):
   return outputs
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(tmp_path, tiny_jpegs):
+  overrides = dict(mock_data=False, dataset='tiny_jpegs', batch_size=8,
+                   tfds_data_dir=tiny_jpegs, host_crop='inception',
+                   device_augment='none', data_storage='stream',
+                   data_workers=1)
   port = _free_port()
-  multi = [_launch(tmp_path / 'multi', tmp_path / f'p{i}.npz', 2, i, port, 2)
-           for i in range(2)]
-  single = _launch(tmp_path / 'single', tmp_path / 'single.npz', 1, 0, 0, 4)
+  multi = [_launch(tmp_path / 'multi', tmp_path / f'p{i}.npz', 2, i, port, 2,
+                   overrides) for i in range(2)]
+  single = _launch(tmp_path / 'single', tmp_path / 'single.npz', 1, 0, 0, 4,
+                   overrides)
   outputs = _wait(multi + [single])
   p0, p1, ref = (np.load(tmp_path / f) for f in ('p0.npz', 'p1.npz',
                                                  'single.npz'))
@@ -64,8 +80,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 def test_sigterm_on_one_host_makes_every_host_save_the_same_step(tmp_path):
   port = _free_port()
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+  env = subprocess_env(devices=2)
   procs = [subprocess.Popen(
       [sys.executable, 'main.py', '--config=configs/fake_data.py',
        f'--workdir={tmp_path}', '--config.num_epochs=50',

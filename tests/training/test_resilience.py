@@ -1,4 +1,4 @@
-"""Runs killed at any moment, preempted or diverged resume exactly or stop cleanly.
+"""Runs killed at any moment, preempted or diverged: exact resume or clean stop.
 
 Each run is a real `main.py` process on mock data (one CPU device, 3 epochs
 of 4 steps, a checkpoint every 2 steps). Faults are injected at exact
@@ -19,21 +19,17 @@ import pytest
 
 from tests.support import ROOT
 from tests.support import run_main
+from tests.support import subprocess_env
 
 FLAGS = ('--config.num_epochs=3', '--config.checkpoint_every_steps=2')
 
 
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('jax_cache')
-
-
-def _run(workdir, cache_dir, fault=None, extra=()):
+def _run(workdir, fault=None, extra=()):
   env_fault = {'PERCEIVER_JAX_FAULT': fault} if fault else {}
   old = dict(os.environ)
   os.environ.update(env_fault)
   try:
-    return run_main(workdir, *FLAGS, *extra, devices=1, cache_dir=cache_dir)
+    return run_main(workdir, *FLAGS, *extra, devices=1)
   finally:
     os.environ.clear()
     os.environ.update(old)
@@ -49,10 +45,10 @@ def _final(workdir):
     return step, f.read(), state
 
 
-def _assert_identical(a, b):
+def _assert_identical(a, b, step=12):
   step_a, history_a, state_a = a
   step_b, history_b, state_b = b
-  assert step_a == step_b == 12
+  assert step_a == step_b == step
   assert history_a == history_b
   flat_a = ocp.tree.to_flat_dict(state_a)
   flat_b = ocp.tree.to_flat_dict(state_b)
@@ -64,9 +60,9 @@ def _assert_identical(a, b):
 
 
 @pytest.fixture(scope='module')
-def reference_workdir(tmp_path_factory, cache_dir):
+def reference_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('reference')
-  proc = _run(workdir, cache_dir)
+  proc = _run(workdir)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return workdir
 
@@ -76,10 +72,14 @@ def reference(reference_workdir):
   return _final(reference_workdir)
 
 
-def test_same_config_and_seed_give_identical_runs(tmp_path, cache_dir,
-                                                  reference):
-  proc = _run(tmp_path, cache_dir)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+def test_more_epochs_continue_exactly_where_a_longer_run_would_be(
+    tmp_path, reference):
+  """Two epochs, then the same workdir with num_epochs=3: the run resumes
+  after epoch 2 and ends bit-identical to the uninterrupted three."""
+  for epochs in (2, 3):
+    proc = _run(tmp_path, extra=(f'--config.num_epochs={epochs}',))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+  assert 'Resuming from step 8 ' in proc.stderr
   _assert_identical(_final(tmp_path), reference)
 
 
@@ -94,15 +94,15 @@ def test_same_config_and_seed_give_identical_runs(tmp_path, cache_dir,
     ('kill_in_checkpoint_write@10', (8,)),
 ])
 def test_sigkill_then_rerun_matches_uninterrupted_run(
-    tmp_path, cache_dir, reference, fault, resumes_from):
-  killed = _run(tmp_path, cache_dir, fault=fault)
+    tmp_path, reference, fault, resumes_from):
+  killed = _run(tmp_path, fault=fault)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
   entries = os.listdir(tmp_path / 'checkpoints')
   if fault.startswith('kill_in_checkpoint_write'):
     # The write was cut off: a temporary directory, never a step directory.
     assert '10' not in entries
     assert any('tmp' in e for e in entries), entries
-  rerun = _run(tmp_path, cache_dir)
+  rerun = _run(tmp_path)
   assert rerun.returncode == 0, rerun.stderr[-4000:]
   assert any(f'Resuming from step {s} ' in rerun.stderr for s in resumes_from)
   _assert_identical(_final(tmp_path), reference)
@@ -120,14 +120,47 @@ def _truncate_arrays(checkpoint):
   assert damaged, f'no array files under {checkpoint}'
 
 
+def _stream_flags(data_dir):
+  """Tiny JPEGs read, cropped and flipped by a grain worker process."""
+  return ('--config.mock_data=False', '--config.dataset=tiny_jpegs',
+          f'--config.tfds_data_dir={data_dir}', '--config.batch_size=8',
+          '--config.num_epochs=2', '--config.host_crop=inception',
+          '--config.device_augment=none', '--config.data_storage=stream',
+          '--config.data_workers=1')
+
+
+@pytest.fixture(scope='module')
+def stream_reference(tmp_path_factory, tiny_jpegs):
+  workdir = tmp_path_factory.mktemp('stream_reference')
+  proc = _run(workdir, extra=_stream_flags(tiny_jpegs))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert 'Test accuracy: ' in proc.stdout  # Trained end to end.
+  assert 'leaked shared_memory' not in proc.stderr  # Workers cleaned up.
+  return _final(workdir)
+
+
+def test_streaming_run_killed_mid_epoch_resumes_exactly(
+    tmp_path, tiny_jpegs, stream_reference):
+  # 43 training JPEGs, batch 8: 5 steps per epoch; killed in epoch 2 once
+  # the step-6 checkpoint has landed. No iterator state is saved: the
+  # sampler alone says where to read on.
+  killed = _run(tmp_path, fault='kill_after_step@7',
+                extra=_stream_flags(tiny_jpegs))
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+  rerun = _run(tmp_path, extra=_stream_flags(tiny_jpegs))
+  assert rerun.returncode == 0, rerun.stderr[-4000:]
+  assert 'Resuming from step 6 ' in rerun.stderr
+  _assert_identical(_final(tmp_path), stream_reference, step=10)
+
+
 def test_damaged_newest_checkpoint_is_set_aside_and_trained_past(
-    tmp_path, cache_dir, reference):
-  first = _run(tmp_path, cache_dir, extra=('--config.num_epochs=2',))
+    tmp_path, reference):
+  first = _run(tmp_path, extra=('--config.num_epochs=2',))
   assert first.returncode == 0, first.stderr[-4000:]
   _truncate_arrays(tmp_path / 'checkpoints' / '8')
   # Twice: the first rerun trains past step 8; the second finds the run done.
   for _ in range(2):
-    rerun = _run(tmp_path, cache_dir)
+    rerun = _run(tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
   assert 'Resuming from step 12 ' in rerun.stderr
   entries = os.listdir(tmp_path / 'checkpoints')
@@ -135,12 +168,8 @@ def test_damaged_newest_checkpoint_is_set_aside_and_trained_past(
   _assert_identical(_final(tmp_path), reference)
 
 
-def test_sigterm_saves_at_the_next_step_and_resumes(tmp_path, cache_dir,
-                                                    reference):
-  env = dict(os.environ)
-  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+def test_sigterm_saves_at_the_next_step_and_resumes(tmp_path, reference):
+  env = subprocess_env(devices=1)
   cmd = [sys.executable, 'main.py', '--config=configs/fake_data.py',
          f'--workdir={tmp_path}', *FLAGS, '--config.log_every_steps=1']
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -158,15 +187,14 @@ def test_sigterm_saves_at_the_next_step_and_resumes(tmp_path, cache_dir,
   assert proc.returncode == 128 + signal.SIGTERM, err[-4000:]
   assert ('Preemption notice (SIGTERM) received: saved a checkpoint at step '
           '1.') in err
-  rerun = _run(tmp_path, cache_dir)
+  rerun = _run(tmp_path)
   assert rerun.returncode == 0, rerun.stderr[-4000:]
   assert 'Resuming from step' in rerun.stderr
   _assert_identical(_final(tmp_path), reference)
 
 
-def test_nan_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path,
-                                                              cache_dir):
-  proc = _run(tmp_path, cache_dir, fault='nan_learning_rate_at_step@6')
+def test_nan_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path):
+  proc = _run(tmp_path, fault='nan_learning_rate_at_step@6')
   assert proc.returncode == 1
   # Step 6 applies a NaN update: its parameters are the first non-finite.
   assert 'Error: param_norm became nan at step 6.' in proc.stderr
@@ -181,10 +209,10 @@ def test_nan_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path,
 
 
 def test_resumed_run_trains_on_with_the_new_learning_rate(
-    tmp_path, cache_dir, reference_workdir):
+    tmp_path, reference_workdir):
   workdir = tmp_path / 'run'
   shutil.copytree(reference_workdir, workdir)
-  proc = _run(workdir, cache_dir, extra=('--config.num_epochs=4',
+  proc = _run(workdir, extra=('--config.num_epochs=4',
                                          '--config.learning_rate=0.0005'))
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert 'the plateau controller continues from 0.0005' in proc.stderr
@@ -193,9 +221,8 @@ def test_resumed_run_trains_on_with_the_new_learning_rate(
   assert rates == [1e-3, 1e-3, 1e-3, 5e-4]
 
 
-def test_resume_refuses_a_different_model(tmp_path, cache_dir):
-  first = run_main(tmp_path, '--config.num_epochs=1', devices=1,
-                   cache_dir=cache_dir)
+def test_resume_refuses_a_different_model(tmp_path):
+  first = run_main(tmp_path, '--config.num_epochs=1', devices=1)
   assert first.returncode == 0, first.stderr[-4000:]
   proc = run_main(tmp_path, '--config.num_epochs=2',
                   '--config.latent_dim=4', '--config.projection_dim=8',

@@ -1,0 +1,143 @@
+"""What the host does to a stored image: decode, and crops that change shape.
+
+Everything after a fixed-shape uint8 batch (normalisation, flips and zooms of
+the seed, RandAugment, MixUp/CutMix) runs on the device (`augment.py`);
+what cannot (decoding, cropping images of varying size) runs here, in the
+input workers, with Pillow and numpy only: no tensorflow, no jax, so worker
+processes start quickly and never touch `jax.distributed`.
+
+`crop='none'`: the image as stored (resized whole to `size` x `size`, with
+Pillow's bilinear filter, when the dataset's images vary in size).
+`crop='inception'` (Szegedy et al. 2015; the Perceiver's ImageNet setup):
+training takes a random crop covering 8% to 100% of the image with aspect
+ratio 3/4 to 4/3, resized to `size` x `size`, flipped left-right with
+probability 1/2; evaluation resizes the shorter side to
+`size / eval_crop_fraction` (256 for 224 at 0.875) and takes the centre
+`size` x `size`. JPEGs are decoded at the smallest DCT scale that still
+covers the crop (`Image.draft`), which is what makes the decode cheap.
+
+Every random choice is drawn from `numpy.random.default_rng` seeded by
+(seed, epoch, record), so a batch is a pure function of the run's seed,
+epoch and step, whichever worker decodes it.
+"""
+
+import dataclasses
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+from perceiver_jax import checks
+
+CROPS = ('none', 'inception')
+# The host transform's options, as the config takes them.
+RULES = {
+    'host_crop': checks.one_of(*CROPS),
+    'eval_crop_fraction': checks.number(
+        0.0, 1.0, low_open=True, requirement='in (0, 1]', example=0.875),
+}
+OPTION_DEFAULTS = {'host_crop': 'none', 'eval_crop_fraction': 0.875}
+AREA_RANGE = (0.08, 1.0)
+ASPECT_RANGE = (3 / 4, 4 / 3)
+_ATTEMPTS = 10  # Random boxes tried before the central fallback.
+_RNG_STREAM = 1  # Keeps these draws apart from the sampler's permutations.
+
+
+def inception_box(width, height, rng, area_range=AREA_RANGE,
+                  aspect_range=ASPECT_RANGE):
+  """`(left, top, width, height)` of a random crop, as Inception samples it.
+
+  Up to 10 boxes of random area fraction and log-uniform aspect ratio are
+  tried; the first that fits is placed uniformly. Failing that, the largest
+  central box within the aspect range.
+  """
+  total = width * height
+  log_low, log_high = (math.log(a) for a in aspect_range)
+  for _ in range(_ATTEMPTS):
+    target = total * rng.uniform(*area_range)
+    aspect = math.exp(rng.uniform(log_low, log_high))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return (int(rng.integers(0, width - w + 1)),
+              int(rng.integers(0, height - h + 1)), w, h)
+  ratio = width / height
+  if ratio < aspect_range[0]:
+    w, h = width, int(round(width / aspect_range[0]))
+  elif ratio > aspect_range[1]:
+    w, h = int(round(height * aspect_range[1])), height
+  else:
+    w, h = width, height
+  return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _crop_resized(image, box, size):
+  """The `box` of `image` resized to `size` x `size` (decoded lazily).
+
+  For a JPEG, first asks the decoder for the smallest DCT scale (1/2, 1/4,
+  1/8) that keeps the box at least `size` pixels wide and high.
+  """
+  left, top, w, h = box
+  width, height = image.size
+  if image.format == 'JPEG':
+    image.draft(image.mode, (math.ceil(width * size / w),
+                             math.ceil(height * size / h)))
+  sx, sy = image.size[0] / width, image.size[1] / height
+  return image.resize(
+      (size, size), Image.Resampling.BILINEAR,
+      box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+
+
+@dataclasses.dataclass(frozen=True)
+class HostTransform:
+  """Stored image bytes -> uint8 `[height, width, channels]`.
+
+  Attributes:
+    crop: one of CROPS.
+    height, width: the output size ('inception': both `size`).
+    channels: 1 (grayscale) or 3 (RGB).
+    eval_crop_fraction: 'inception' evaluation: the centre crop's share of
+      the resized shorter side.
+  """
+  crop: str
+  height: int
+  width: int
+  channels: int
+  eval_crop_fraction: float = 0.875
+
+  def _open(self, data):
+    image = Image.open(io.BytesIO(data))
+    mode = 'L' if self.channels == 1 else 'RGB'
+    if image.mode != mode and image.format != 'JPEG':
+      image = image.convert(mode)  # Draft first for JPEGs, then convert.
+    return image, mode
+
+  def _array(self, image, mode):
+    if image.mode != mode:
+      image = image.convert(mode)
+    array = np.asarray(image, np.uint8)
+    return array.reshape(array.shape[:2] + (self.channels,))
+
+  def eval(self, data):
+    """The evaluation view of one stored image."""
+    image, mode = self._open(data)
+    width, height = image.size
+    if self.crop == 'inception':
+      side = self.eval_crop_fraction * min(width, height)
+      box = ((width - side) / 2, (height - side) / 2, side, side)
+      image = _crop_resized(image, box, self.height)
+    elif (width, height) != (self.width, self.height):
+      image = image.resize((self.width, self.height),
+                           Image.Resampling.BILINEAR)
+    return self._array(image, mode)
+
+  def train(self, data, seed, epoch, record):
+    """The training view of record `record` (its index in the tfds split)."""
+    if self.crop != 'inception':
+      return self.eval(data)
+    rng = np.random.default_rng([seed, _RNG_STREAM, epoch, record])
+    image, mode = self._open(data)
+    box = inception_box(*image.size, rng)
+    array = self._array(_crop_resized(image, box, self.height), mode)
+    return array[:, ::-1] if rng.random() < 0.5 else array

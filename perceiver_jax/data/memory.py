@@ -1,0 +1,118 @@
+"""In-memory storage: this process's shards decoded into numpy once.
+
+The fastest storage when the data fits in host memory (CIFAR's 150 MB):
+batches are numpy takes from decoded uint8 arrays. Records come from the
+ArrayRecord files through the same decode as streaming (`host_transforms`),
+or, for datasets prepared earlier as TFRecord and for tfds' mock data,
+through tf.data.
+"""
+
+import contextlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from perceiver_jax.data import datasets
+from perceiver_jax.data import splits as splits_lib
+
+_READ_BATCH = 1024  # Examples per tf.data batch while decoding into memory.
+
+
+def _read_tfrecord(data_builder, tfds_split, start, stop, info):
+  """Decodes examples [start, stop) of a TFRecord split with tf.data."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  images = [np.zeros((0, info.height, info.width, info.channels), np.uint8)]
+  labels = [np.zeros((0,), np.int32)]
+  if stop > start:
+    ds = data_builder.as_dataset(
+        split=tfds.core.ReadInstruction(
+            tfds_split, from_=start, to=stop, unit='abs'),
+        shuffle_files=False,
+        # Read files one after the other: stored order, not interleaved.
+        read_config=tfds.ReadConfig(interleave_cycle_length=1),
+        decoders=tfds.decode.PartialDecoding({'image': True, 'label': True}))
+
+    def select(example):
+      image = example['image']
+      if info.variable_size:
+        image = tf.image.resize(image, (info.height, info.width), 'bilinear')
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+      return image, tf.cast(example['label'], tf.int32)
+
+    ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
+    for x, y in tfds.as_numpy(ds.batch(_READ_BATCH)):
+      images.append(x)
+      labels.append(y)
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def _read_records(source, start, stop, transform):
+  """Decodes records [start, stop) of a data source (evaluation view)."""
+  records = [source[i] for i in range(start, stop)]
+  shape = (transform.height, transform.width, transform.channels)
+  images = np.zeros((len(records),) + shape, np.uint8)
+  for i, record in enumerate(records):
+    images[i] = transform.eval(record['image'])
+  return images, np.asarray([r['label'] for r in records], np.int32)
+
+
+class MemoryStorage:
+  """Decoded arrays of this process's shards of the three splits.
+
+  Args:
+    data_builder: the tfds builder.
+    config: the run's config.
+    sampler: the `sampler.Sampler` that orders the records.
+    transform: the `host_transforms.HostTransform` that decodes them
+      (`crop='none'`).
+  """
+
+  def __init__(self, data_builder, config, sampler, transform):
+    self._sampler = sampler
+    mock = (tfds.testing.mock_data(num_examples=config.mock_num_examples)
+            if config.mock_data else contextlib.nullcontext())
+    info = datasets.dataset_info(data_builder, config)
+    records = (not config.mock_data and
+               datasets.file_format(data_builder) == datasets.ARRAY_RECORD)
+    self._data = {}  # split -> [(images, labels)] per local shard.
+    with mock:
+      for split in splits_lib.SPLITS:
+        tfds_split = sampler.shards[split][0]
+        if records:
+          source = datasets.data_source(data_builder, tfds_split, config)
+          read = lambda a, b, s=source: _read_records(s, a, b, transform)
+        else:
+          read = lambda a, b, t=tfds_split: _read_tfrecord(
+              data_builder, t, a, b, info)
+        self._data[split] = [read(*r) for r in sampler.local_ranges(split)]
+    for split in splits_lib.SPLITS:
+      got = [len(y) for _, y in self._data[split]]
+      want = [b - a for a, b in sampler.local_ranges(split)]
+      if got != want:
+        raise RuntimeError(f'Read {got} {split} examples for shards '
+                           f'{sampler.shard_indices}, expected {want}.')
+
+  def train_batch(self, epoch, step):
+    rows = self._sampler.train_rows(epoch, step)
+    images, labels = zip(*[(x[r], y[r]) for r, (x, y) in
+                           zip(rows, self._data['train'])])
+    return {'image': np.concatenate(images), 'label': np.concatenate(labels)}
+
+  def eval_batch(self, split, step):
+    b = self._sampler.per_shard_batch
+    images, labels, masks = [], [], []
+    for rows, (x, y) in zip(self._sampler.eval_rows(split, step),
+                            self._data[split]):
+      pad = b - len(rows)
+      images.append(np.pad(x[rows], [(0, pad)] + [(0, 0)] * 3))
+      labels.append(np.pad(y[rows], (0, pad)))
+      masks.append(np.arange(b) < len(rows))
+    return {'image': np.concatenate(images), 'label': np.concatenate(labels),
+            'mask': np.concatenate(masks).astype(np.float32)}
+
+  def train_images(self, positions):
+    """Per local shard, the training images at `positions` within it."""
+    return [x[p] for p, (x, _) in zip(positions, self._data['train'])]
+
+  def close(self):
+    pass

@@ -1,0 +1,128 @@
+"""Transfer: a run starts from another run's weights (`config.init_from`).
+
+As big_vision's transfer configs do: a new run (its workdir has no
+checkpoint yet) takes the weights another workdir's training tested (its
+early-stopping best, or its last; the EMA weights when it kept them) and
+fine-tunes them, e.g. an ImageNet-trained Perceiver on CIFAR-100. The model
+must be the same: every field that shapes or defines the network must match
+(dropout rates, rematerialisation and initialisers may differ). When the
+class count differs, the classifier's last layer keeps its fresh
+initialisation. The optimiser state starts afresh.
+"""
+
+import logging
+
+from etils import epath
+import jax
+import numpy as np
+
+from perceiver_jax import checks
+from perceiver_jax import config_lib
+from perceiver_jax import errors
+from perceiver_jax.model import perceiver
+from perceiver_jax.training import checkpointing
+from perceiver_jax.training import workdir as workdir_lib
+
+RULES = {'init_from': checks.Rule(
+    lambda v: v is None or (isinstance(v, str) and bool(v)),
+    "a trained run's workdir, or unset", '/path/to/imagenet_run')}
+OPTION_DEFAULTS = {'init_from': None}
+# Model fields a fine-tuning run may change: regularisation, memory and
+# initialisation, none of which the pretrained weights depend on.
+FREE_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'logits_dropout',
+               'remat', 'attention_init', 'latent_init')
+
+
+def _model_differences(saved, config):
+  defaults = perceiver.OPTION_DEFAULTS
+  lines = []
+  for name in sorted(set(perceiver.RULES) - set(FREE_FIELDS)):
+    old = saved.get(name, defaults.get(name))
+    new = config.get(name, defaults.get(name))
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+      old, new = list(old), list(new)
+    if old != new:
+      lines.append(f'{name}: {old!r} -> {new!r}')
+  return lines
+
+
+def _path(key_path):
+  return '/'.join(str(getattr(k, 'key', k)) for k in key_path)
+
+
+def _merge(pretrained, fresh, source):
+  """`fresh` with every leaf taken from `pretrained`; see the module doc."""
+  flat = {_path(p): v for p, v in
+          jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+  fresh_paths = set()
+  misfits = []
+
+  def take(key_path, leaf):
+    name = _path(key_path)
+    fresh_paths.add(name)
+    old = flat.get(name)
+    if old is None:
+      misfits.append(f'{name} is not in {source}')
+      return leaf
+    if old.shape == leaf.shape:
+      return np.asarray(old, leaf.dtype)
+    if name.startswith('classifier/') and old.shape[:-1] == leaf.shape[:-1]:
+      return leaf  # Another class count: the last layer starts afresh.
+    misfits.append(f'{name} has shape {old.shape} there, {leaf.shape} here')
+    return leaf
+
+  merged = jax.tree_util.tree_map_with_path(take, fresh)
+  misfits += [f'{name} is not in this model'
+              for name in sorted(set(flat) - fresh_paths)]
+  if misfits:
+    raise errors.InputError(
+        f'The weights in config.init_from={source!r} do not fit this model: '
+        + '; '.join(misfits[:5]) + ('; ...' if len(misfits) > 5 else '') +
+        '. Use the pretrained run\'s model fields.')
+  return merged
+
+
+def pretrained_params(config, fresh_params):
+  """`fresh_params` overwritten by the weights of `config.init_from`.
+
+  Args:
+    config: this run's config.
+    fresh_params: this model's freshly initialised parameters (host or
+      device arrays); their structure and dtypes are kept.
+
+  Returns:
+    numpy parameters.
+
+  Raises:
+    errors.InputError: the workdir holds no trained run, or another model.
+  """
+  source = config.init_from
+  path = epath.Path(source)
+  saved = workdir_lib.read_json(path, workdir_lib.CONFIG)
+  if saved is None or not workdir_lib.has_checkpoints(path):
+    raise errors.InputError(
+        f'config.init_from={source!r} is not the workdir of a trained run '
+        '(it needs config.json and a checkpoint); pass the --workdir of a '
+        'finished training run.')
+  differences = _model_differences(config_lib.upgrade(saved), config)
+  if differences:
+    raise errors.InputError(
+        f'config.init_from={source!r} holds another model, so its weights '
+        'cannot start this one. Differing fields (there -> here): '
+        + '; '.join(differences) + '. Set them as the pretrained run has '
+        f'them (see {path / workdir_lib.CONFIG}).')
+  manager = checkpointing.create_manager(
+      (path / workdir_lib.CHECKPOINTS).resolve(), read_only=True)
+  try:
+    restore_best = saved.get('early_stopping', {}).get(
+        'restore_best_weights', True)
+    step, which, state = checkpointing.restore_tested(
+        manager, restore_best,
+        lambda step: checkpointing.restore_arrays(manager, step))
+  finally:
+    manager.close()
+  weights = state.get('ema_params') or state['params']
+  logging.info('Initialised from the %s checkpoint of %s (step %d%s).',
+               which, source, step,
+               ', EMA weights' if state.get('ema_params') else '')
+  return _merge(weights, jax.device_get(fresh_params), source)

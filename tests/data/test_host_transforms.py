@@ -1,0 +1,137 @@
+"""host_transforms: decoding and the Inception crops, against tf.image."""
+
+import io
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from perceiver_jax.data import host_transforms
+
+
+def _encode(array, fmt='PNG', quality=95):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format=fmt, quality=quality)
+  return buffer.getvalue()
+
+
+def _smooth_image(height, width, seed=0):
+  """A smooth RGB image: resampling differences stay small on it."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:height, 0:width] / max(height, width)
+  channels = [np.sin(rng.uniform(1, 6) * x + rng.uniform(1, 6) * y +
+                     rng.uniform(0, 6)) for _ in range(3)]
+  return ((np.stack(channels, -1) + 1) * 127.5).astype(np.uint8)
+
+
+def test_inception_boxes_fit_and_follow_the_ranges():
+  for seed in range(300):
+    rng = np.random.default_rng(seed)
+    width, height = rng.integers(40, 600, 2)
+    left, top, w, h = host_transforms.inception_box(width, height, rng)
+    assert 0 <= left and left + w <= width and 0 <= top and top + h <= height
+    area, aspect = w * h / (width * height), w / h
+    # Rounding to whole pixels moves both a little off the sampled values.
+    assert 0.08 * 0.9 <= area <= 1.0, (area, width, height)
+    assert 3 / 4 * 0.9 <= aspect <= 4 / 3 * 1.1, (aspect, width, height)
+
+
+def test_inception_box_falls_back_to_the_centre():
+  # 1000 x 10: no box of aspect 3/4..4/3 and area >= 8% fits; the largest
+  # central box of aspect 4/3 is taken.
+  box = host_transforms.inception_box(1000, 10, np.random.default_rng(0))
+  assert box == (493, 0, 13, 10)
+
+
+def test_training_view_is_a_function_of_seed_epoch_and_record():
+  data = _encode(_smooth_image(120, 160), 'JPEG')
+  transform = host_transforms.HostTransform('inception', 32, 32, 3)
+  one = transform.train(data, seed=3, epoch=5, record=17)
+  assert one.shape == (32, 32, 3) and one.dtype == np.uint8
+  np.testing.assert_array_equal(one, transform.train(data, 3, 5, 17))
+  others = [transform.train(data, 3, e, r) for e, r in ((6, 17), (5, 18))]
+  others.append(transform.train(data, 4, 5, 17))
+  assert not any(np.array_equal(one, o) for o in others)
+
+
+def test_training_flips_half_the_views():
+  data = _encode(_smooth_image(64, 64), 'PNG')
+  transform = host_transforms.HostTransform('inception', 16, 16, 3)
+  flips = []
+  for record in range(400):
+    rng = np.random.default_rng([0, host_transforms._RNG_STREAM, 0, record])
+    host_transforms.inception_box(64, 64, rng)
+    flips.append(rng.random() < 0.5)
+  assert 160 < sum(flips) < 240  # Binomial(400, 1/2): 6 sigma.
+  # The flip drawn after the box is applied: the view is the mirrored crop.
+  record = flips.index(True)
+  rng = np.random.default_rng([0, host_transforms._RNG_STREAM, 0, record])
+  box = host_transforms.inception_box(64, 64, rng)
+  unflipped = np.asarray(Image.open(io.BytesIO(data)).resize(
+      (16, 16), Image.Resampling.BILINEAR,
+      box=(box[0], box[1], box[0] + box[2], box[1] + box[3])))
+  np.testing.assert_array_equal(transform.train(data, 0, 0, record),
+                                unflipped[:, ::-1])
+
+
+def test_training_crop_matches_tf_crop_and_resize():
+  image = _smooth_image(375, 500)
+  data = _encode(image, 'PNG')
+  transform = host_transforms.HostTransform('inception', 64, 64, 3)
+  for record in range(5):
+    rng = np.random.default_rng([1, host_transforms._RNG_STREAM, 2, record])
+    left, top, w, h = host_transforms.inception_box(500, 375, rng)
+    flip = rng.random() < 0.5
+    want = tf.image.resize(image[top:top + h, left:left + w], (64, 64),
+                           antialias=True).numpy()
+    if flip:
+      want = want[:, ::-1]
+    got = transform.train(data, 1, 2, record).astype(np.float64)
+    assert np.abs(got - want).mean() < 1.0, record
+
+
+def test_evaluation_view_matches_tf_resize_and_central_crop():
+  image = _smooth_image(375, 500)
+  transform = host_transforms.HostTransform('inception', 224, 224, 3)
+  got = transform.eval(_encode(image, 'PNG')).astype(np.float64)
+  # Shorter side to 256 (= 224 / 0.875), then the central 224 x 224.
+  resized = tf.image.resize(image, (256, 341), antialias=True).numpy()
+  left = (341 - 224) // 2
+  want = resized[16:240, left:left + 224]
+  assert got.shape == (224, 224, 3)
+  assert np.abs(got - want).mean() < 1.5
+
+
+def test_jpeg_draft_decoding_stays_close_to_a_full_decode():
+  image = _smooth_image(375, 500)
+  data = _encode(image, 'JPEG', quality=90)
+  transform = host_transforms.HostTransform('inception', 64, 64, 3)
+  full = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
+  for record in range(5):
+    rng = np.random.default_rng([0, host_transforms._RNG_STREAM, 0, record])
+    left, top, w, h = host_transforms.inception_box(500, 375, rng)
+    flip = rng.random() < 0.5
+    want = np.asarray(Image.fromarray(full).resize(
+        (64, 64), Image.Resampling.BILINEAR,
+        box=(left, top, left + w, top + h))).astype(np.float64)
+    if flip:
+      want = want[:, ::-1]
+    got = transform.train(data, 0, 0, record).astype(np.float64)
+    assert np.abs(got - want).mean() < 2.0, record
+
+
+@pytest.mark.parametrize('mode,channels', [('RGB', 3), ('L', 1)])
+def test_whole_images_are_kept_as_stored(mode, channels):
+  image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+  stored = Image.fromarray(image).convert(mode)
+  data = _encode(np.asarray(stored))
+  transform = host_transforms.HostTransform('none', 32, 32, channels)
+  got = transform.eval(data)
+  assert got.shape == (32, 32, channels)
+  np.testing.assert_array_equal(got.reshape(np.asarray(stored).shape),
+                                np.asarray(stored))
+  np.testing.assert_array_equal(transform.train(data, 0, 0, 0), got)
+  # Images of other sizes are resized whole.
+  assert host_transforms.HostTransform('none', 16, 24, channels).eval(
+      data).shape == (16, 24, channels)
