@@ -32,6 +32,7 @@ Importing this module (and the train-step mode) needs no tensorflow, which
 the GPU machines lack; only the host-pipeline mode imports it.
 """
 
+import collections
 import functools
 import os
 import statistics
@@ -106,6 +107,27 @@ def measure_matmul_peak(dtype, size, device, repeats=5):
                             repeats)
 
 
+def default_peak_size(device):
+  """Side of the peak's square matmul: 2048 on CPU, 8192 on accelerators."""
+  return 2048 if device.platform == 'cpu' else 8192
+
+
+def measure_copy_bandwidth(device, num_bytes=2**30, repeats=5):
+  """Memory bytes/s of `device`: `x + 1` over a float32 array, best of 5.
+
+  Each call reads and writes `num_bytes` (2 x `num_bytes` counted), as a
+  streaming elementwise fusion does; the roofline's bandwidth term.
+  """
+  x = jax.device_put(jnp.zeros(num_bytes // 4, jnp.float32), device)
+  add = jax.jit(lambda v: v + 1)
+
+  def call():
+    add(x).block_until_ready()
+
+  call()  # Compile and warm up.
+  return 2 * num_bytes / timing.best_seconds(call, repeats)
+
+
 def peak_memory_bytes(device):
   """Peak bytes the device allocator has seen, or None where not tracked."""
   stats = device.memory_stats()
@@ -126,12 +148,17 @@ def compiled_memory_bytes(compiled):
           m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def synthetic_batch(mesh, batch_size, num_classes, seed=0):
-  """A global batch of random uint8 images and labels placed on `mesh`."""
+def synthetic_batch(mesh, batch_size, num_classes, seed=0,
+                    image_size=RAW_IMAGE_SIZE):
+  """A global batch of random uint8 images and labels placed on `mesh`.
+
+  `image_size`: the side of the images as the host serves them (CIFAR's
+  32; the step resizes them to `config.image_size`).
+  """
   local = batch_size // jax.process_count()
   rng = np.random.default_rng(seed + jax.process_index())
   batch = {
-      'image': rng.integers(0, 256, (local, RAW_IMAGE_SIZE, RAW_IMAGE_SIZE,
+      'image': rng.integers(0, 256, (local, image_size, image_size,
                                      CHANNELS), dtype=np.uint8),
       'label': rng.integers(0, num_classes, (local,), dtype=np.int32),
   }
@@ -140,6 +167,43 @@ def synthetic_batch(mesh, batch_size, num_classes, seed=0):
 
 def _gib(num_bytes):
   return 'n/a' if num_bytes is None else f'{num_bytes / 2**30:.2f} GiB'
+
+
+TrainStep = collections.namedtuple(
+    'TrainStep', 'mesh model state shardings train_step')
+
+
+def setup_train_step(config, num_classes):
+  """`main.py`'s jitted train step over every device, and its initial state."""
+  mesh = sharding_lib.create_mesh()
+  sharding_lib.check_batch_size(config.batch_size, mesh)
+  model = perceiver.create_model(config, num_classes)
+  image_shape = (config.image_size, config.image_size, CHANNELS)
+  state, shardings = steps_lib.create_train_state(config, model, image_shape,
+                                                  mesh)
+  train_step, _ = steps_lib.jit_steps(config, STATS, mesh, shardings)
+  return TrainStep(mesh, model, state, shardings, train_step)
+
+
+def time_steps(step, state, batch, learning_rate, steps, warmup):
+  """Runs `warmup` untimed, then `steps` timed calls of `step`, each waited for.
+
+  Returns:
+    `(state, metrics, times, cpu_times)`: the last call's outputs and each
+    timed call's wall and process CPU seconds.
+  """
+  metrics = None
+  for _ in range(warmup):
+    state, metrics = step(state, batch, learning_rate)
+  jax.block_until_ready(state)
+  times, cpu_times = [], []
+  for _ in range(steps):
+    start, cpu_start = time.perf_counter(), time.process_time()
+    state, metrics = step(state, batch, learning_rate)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+    cpu_times.append(time.process_time() - cpu_start)
+  return state, metrics, times, cpu_times
 
 
 # --------------------------------------------------------------------------
@@ -152,31 +216,17 @@ def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
   if steps < 1 or warmup < 0:
     raise ValueError(f'Need steps >= 1 and warmup >= 0, got {steps}, '
                      f'{warmup}.')
-  mesh = sharding_lib.create_mesh()
-  sharding_lib.check_batch_size(config.batch_size, mesh)
+  mesh, model, state, _, train_step = setup_train_step(config, num_classes)
   devices = list(mesh.devices.flat)
   device = devices[0]
-  model = perceiver.create_model(config, num_classes)
-  image_shape = (config.image_size, config.image_size, CHANNELS)
-  state, shardings = steps_lib.create_train_state(config, model, image_shape,
-                                                  mesh)
-  train_step, _ = steps_lib.jit_steps(config, STATS, mesh, shardings)
   batch = synthetic_batch(mesh, config.batch_size, num_classes)
   lr = float(config.learning_rate)
 
   start = time.perf_counter()
   compiled = train_step.lower(state, batch, lr).compile()
   compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch, lr)
-  jax.block_until_ready(state)
-  times, cpu_times = [], []
-  for _ in range(steps):
-    start, cpu_start = time.perf_counter(), time.process_time()
-    state, metrics = compiled(state, batch, lr)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
-    cpu_times.append(time.process_time() - cpu_start)
+  state, metrics, times, cpu_times = time_steps(compiled, state, batch, lr,
+                                                steps, warmup)
   loss = float(metrics['loss']) / float(metrics['count'])
   if not np.isfinite(loss):
     raise FloatingPointError(f'Non-finite training loss {loss}.')
@@ -190,7 +240,7 @@ def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
   compiled_flops = flops.xla_flops(compiled, len(devices))
   achieved = model_flops / step_s
   dtype = jnp.dtype(config.get('dtype', 'float32'))
-  size = peak_matmul_size or (2048 if device.platform == 'cpu' else 8192)
+  size = peak_matmul_size or default_peak_size(device)
   peak = measure_matmul_peak(dtype, size, device) * len(devices)
   mfu = achieved / peak
   results = dict(

@@ -1,0 +1,116 @@
+"""The fast paths, checked against the float32 train step on the device.
+
+Each path (bfloat16 compute, remat, Keras' factored attention order, and on
+GPUs the fused cuDNN attention) computes the seed's function; run from one
+initial state on the same batches it must agree with its reference within
+`TOLERANCES`, which say why each bound is what it is.
+"""
+
+import jax
+import numpy as np
+
+from benchmarks import step_bench
+from perceiver_jax.model import perceiver
+
+# Relative errors a fast path may have against the float32 step. Each path
+# computes the same function; they differ in rounding only. The bounds are
+# set by the coarsest matmul rounding in either step, bfloat16's (8
+# significant bits, unit roundoff 2**-8 = 0.4%): the bfloat16 paths round to
+# it, and on TPUs the float32 step's own matmuls do too (jax's default
+# precision is one bfloat16 pass there; TF32 on GPUs rounds 8x finer), so
+# the order of the products alone (folded vs factored, remat's recompute)
+# can move a TPU result that much. Measured on this repo's CPU for the seed
+# model (batch 16, 3 steps; BENCHMARKS.md, "Device check"): bfloat16 against
+# float32 moved the loss by 0.076%, the gradient norm by 0.38% and the
+# update by 14% (cosine 0.990); remat and the factored form, in float32,
+# moved loss and gradient norm by 4e-7 or less and the update by 0.02%.
+# The bounds leave 4-13x over bfloat16's errors. What they catch, measured
+# the same way: other dropout masks (threefry bits instead of hash, a
+# stand-in for a mask bug) moved the loss by 4.1%, the gradient norm by 11%
+# and the update by 79% (cosine 0.69), failing all four; a 0.12 instead of
+# 0.1 attention dropout rate (0.11%, 0.80%, 21%, cosine 0.977) passes:
+# differences that small are within bfloat16's own rounding and only a
+# float32 comparison could see them.
+TOLERANCES = {
+    # Mean cross-entropy per step (about 5 nats on random labels at the
+    # start of training).
+    'loss': 5e-3,
+    # Global gradient norm per step; checked to be far from 0 (> 0.1).
+    'grad_norm': 5e-2,
+    # |update - reference update| / |reference update| over all parameters
+    # after the last step. LAMB's first steps move each weight by about
+    # lr * sign(gradient) (Adam's m / sqrt(v) before the trust ratio), so a
+    # weight whose gradient is below the rounding error can flip direction:
+    # the loosest bound.
+    'update': 0.5,
+}
+# The update's direction: cosine similarity with the reference update.
+MIN_COSINE = 0.9
+
+
+
+def check_paths(seed_config, smoke=False):
+  """`(name, reference name, config)` of each fast path and its reference.
+
+  The reference runs the default `attention_form='auto'`, which folds the
+  seed's latent attention; where it does not fold, the folded form is a
+  path of its own (not with `smoke`: the same code as 'factored').
+  """
+  platform = jax.devices()[0].platform
+  reference = seed_config
+  paths = [('float32', None, reference),
+           ('bfloat16', 'float32',
+            step_bench.variant(reference, dtype='bfloat16')),
+           ('remat', 'float32', step_bench.variant(reference, remat=True)),
+           ('factored', 'float32',
+            step_bench.variant(reference, attention_form='factored'))]
+  model = perceiver.create_model(reference, 100)
+  if not (smoke or model.latent_attention_folded(reference.batch_size)):
+    paths.append(('folded', 'float32',
+                  step_bench.variant(reference, attention_form='folded')))
+  skipped = []
+  if platform == 'gpu':
+    no_drop = step_bench.variant(reference, attention_dropout_rate=0.0)
+    paths += [('float32, no attention dropout', None, no_drop),
+              ('cudnn (bfloat16)', 'float32, no attention dropout',
+               step_bench.variant(no_drop, dtype='bfloat16',
+                                  attention_impl='cudnn'))]
+  else:
+    skipped.append(('cudnn (bfloat16)', f'fused cuDNN attention is GPU-only '
+                    f'(platform: {platform})'))
+  return paths, skipped
+
+
+def run_check(bench, program, num_steps):
+  """Losses and gradient norms of `num_steps` steps, and the update."""
+  state, _ = bench.initial_state(program)
+  initial = step_bench.flat(jax.device_get(state.params))
+  lr = float(program.config.learning_rate)
+  losses, grad_norms = [], []
+  for i in range(num_steps):
+    state, metrics = program.compiled(state, bench.batch(program, seed=i), lr)
+    metrics = jax.device_get(metrics)
+    losses.append(float(metrics['loss']) / float(metrics['count']))
+    grad_norms.append(float(metrics['grad_norm']))
+  update = step_bench.flat(jax.device_get(state.params)) - initial
+  return state, {'losses': losses, 'grad_norms': grad_norms}, update
+
+
+def compare(result, reference, update, reference_update):
+  """Relative errors of a path against its reference, and the verdict."""
+  def worst(key):
+    return max(abs(a - b) / abs(b) for a, b in zip(result[key],
+                                                   reference[key]))
+  norm = np.linalg.norm(reference_update)
+  errors = {'loss': worst('losses'), 'grad_norm': worst('grad_norms'),
+            'update': float(np.linalg.norm(update - reference_update) / norm)}
+  cosine = float(update @ reference_update /
+                 (np.linalg.norm(update) * norm))
+  problems = [f'{k} {v:.2g} > {TOLERANCES[k]:g}' for k, v in errors.items()
+              if not v <= TOLERANCES[k]]
+  if not cosine >= MIN_COSINE:
+    problems.append(f'cosine {cosine:.3f} < {MIN_COSINE}')
+  if not min(reference['grad_norms']) > 0.1:
+    problems.append('reference gradient norm too small to compare')
+  return dict(errors, cosine=cosine,
+              verdict='ok' if not problems else 'FAIL: ' + '; '.join(problems))

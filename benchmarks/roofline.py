@@ -1,0 +1,287 @@
+r"""A roofline on paper: the train step's predicted time on GPUs and TPUs.
+
+  python benchmarks/roofline.py            # the table in BENCHMARKS.md
+  python benchmarks/roofline.py --cases=cifar100:float32:64 --top=10
+
+Compiles each case's train step (the one `main.py` trains with) on the
+machine it runs on, reads XLA's cost analysis of the compiled program (FLOPs
+and bytes accessed) and predicts the step time on each accelerator of
+`ACCELERATORS` from its published peak FLOP/s and memory bandwidth:
+
+  time = max(flops / peak, bytes / bandwidth)
+
+the larger term naming the bound (compute or memory) and the ratio of the two
+saying by how much. This is a lower bound: it assumes every byte streams at
+full bandwidth and every FLOP runs at the matmul peak, with compute and
+memory traffic fully overlapped.
+
+Where the bytes come from: compiled for the CPU, the program's fusions are
+XLA:CPU's, and "bytes accessed" sums each fusion's operands and result, so
+it depends on what was fused. XLA:GPU and XLA:TPU fuse more (e.g. matmul
+epilogues, softmax, multi-output fusions), so their bytes are usually fewer;
+a CPU compile's memory time is therefore an upper estimate of what the same
+step needs on an accelerator, and a CPU-compiled "memory-bound" verdict can
+turn compute-bound there. The FLOPs do not depend on fusion. `--top=N`
+lists the N fusions that access the most bytes (parsed from the compiled
+HLO), to show where the traffic is. `benchmarks/device_check.py` makes the
+same prediction from the accelerator's own compile and measured peaks.
+
+Cases are `CONFIG:DTYPE:BATCH` (`CONFIG` a file under configs/ without
+`.py`, or a path; `DTYPE` or `BATCH` empty for the config's own). Imports
+neither tensorflow nor tfds.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+# Run as a script from anywhere: make the repository root importable.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import hlo_bytes
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  """Published peak rates of one chip (dense, no sparsity).
+
+  Attributes:
+    name: as in the table.
+    bf16_flops: dense bfloat16 matmul FLOP/s.
+    f32_flops: FLOP/s of a float32 matmul at jax's default precision
+      (`jax.lax.Precision.DEFAULT`: TF32 on Ampere and newer GPUs, one
+      bfloat16 pass on TPUs, per its docstring).
+    bandwidth: HBM bytes/s.
+    memory: HBM bytes.
+    source: where the numbers are published.
+  """
+  name: str
+  bf16_flops: float
+  f32_flops: float
+  bandwidth: float
+  memory: float
+  source: str
+
+
+ACCELERATORS = (
+    Accelerator('H100 SXM', 989e12, 494.7e12, 3.35e12, 80e9,
+                'NVIDIA H100 Tensor Core GPU datasheet (SXM): BF16 1,979 '
+                'and TF32 989 TFLOPS with sparsity, half without; 80 GB at '
+                '3.35 TB/s'),
+    Accelerator('H200 SXM', 989e12, 494.7e12, 4.8e12, 141e9,
+                'NVIDIA H200 Tensor Core GPU datasheet (SXM): the H100 '
+                "SXM's Tensor Core rates; 141 GB at 4.8 TB/s"),
+    Accelerator('TPU v4', 275e12, 275e12, 1200e9, 32 * 2**30,
+                'Cloud TPU docs, "TPU v4": 275 TFLOPS (bf16) per chip, HBM2 '
+                '32 GiB at 1200 GBps'),
+    Accelerator('TPU v5e', 197e12, 197e12, 819e9, 16e9,
+                'Cloud TPU docs, "TPU v5e": 197 TFLOPS (bf16) per chip, HBM2 '
+                '16 GB at 819 GBps'),
+)
+
+
+def peak_flops(accelerator, dtype):
+  """The matmul peak a step computing in `dtype` can reach."""
+  return (accelerator.bf16_flops if dtype in ('bfloat16', 'float16')
+          else accelerator.f32_flops)
+
+
+def cost(compiled, num_devices=1):
+  """`{'flops', 'bytes'}` XLA's cost analysis counts, all devices together.
+
+  An SPMD-partitioned executable is one device's program, so its counts are
+  multiplied by the number of devices it runs on (as `flops.xla_flops`).
+  """
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older jax: one per program.
+    analysis = analysis[0]
+  return {'flops': float(analysis['flops']) * num_devices,
+          'bytes': float(analysis['bytes accessed']) * num_devices}
+
+
+def predict(flops, num_bytes, peak, bandwidth):
+  """The roofline of one step: `max(flops / peak, bytes / bandwidth)`.
+
+  Returns:
+    dict with `compute_s`, `memory_s`, `time_s` (the larger), `bound`
+    ('compute' or 'memory', the larger term) and `ratio` (larger / smaller:
+    how far the step is from the other bound; 1 is balanced).
+  """
+  compute_s, memory_s = flops / peak, num_bytes / bandwidth
+  bound = 'compute' if compute_s >= memory_s else 'memory'
+  slow, fast = max(compute_s, memory_s), min(compute_s, memory_s)
+  return {'compute_s': compute_s, 'memory_s': memory_s, 'time_s': slow,
+          'bound': bound, 'ratio': slow / fast if fast else math.inf}
+
+
+# --------------------------------------------------------------------------
+# Cases and the table.
+
+# The cases of BENCHMARKS.md's table: CONFIG:DTYPE:BATCH.
+DEFAULT_CASES = ('cifar100:float32:64', 'cifar100:bfloat16:64',
+                 'cifar100:float32:512', 'cifar100:bfloat16:512',
+                 'cifar100_fast::', 'imagenet_perceiver::16')
+# Same HLO, quicker XLA:CPU code generation: LLVM's optimisation level does
+# not change the optimised HLO the cost analysis reads.
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
+
+
+# Classes, and the side of the images as the host serves them, of the
+# datasets the configs name; images that vary in size are served at
+# config.image_size (the host crops or resizes them).
+DATASETS = {'cifar10': (10, 32), 'cifar100': (100, 32),
+            'imagenet2012': (1000, None)}
+
+
+def load_config(path, arg=None):
+  """`get_config([arg])` of a config file (imports `configs` from the root).
+
+  `arg` is what main.py's `--config=PATH:ARG` passes (e.g. 'test').
+  """
+  # pylint: disable-next=g-import-not-at-top
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'config_' + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+def data_shape(config):
+  """`(num_classes, side of the served images)` of the config's dataset."""
+  classes, side = DATASETS.get(config.get('dataset', 'cifar100'),
+                               (1000, None))
+  return classes, side or config.image_size
+
+
+def parse_case(case):
+  """`(config path, dtype or None, batch or None)` of `CONFIG:DTYPE:BATCH`."""
+  parts = case.split(':')
+  if len(parts) != 3:
+    raise ValueError(f'A case is CONFIG:DTYPE:BATCH, got {case!r}.')
+  name, dtype, batch = parts
+  path = name if name.endswith('.py') else os.path.join(
+      _ROOT, 'configs', name + '.py')
+  return path, dtype or None, int(batch) if batch else None
+
+
+def step_cost(config, num_classes, raw_size, *, compiler_options=None,
+              top=0):
+  """Compiles `config`'s train step here; its cost and byte ranking.
+
+  Returns:
+    dict with `flops`, `bytes`, `model_flops` (analytic matmuls, as MFU
+    counts them), `compile_s`, `by_category` and the `top` largest
+    `fusions`.
+  """
+  # pylint: disable=g-import-not-at-top
+  from benchmarks import flops as flops_lib
+  from benchmarks import throughput
+  # pylint: enable=g-import-not-at-top
+  start = time.perf_counter()
+  setup = throughput.setup_train_step(config, num_classes)
+  batch = throughput.synthetic_batch(setup.mesh, config.batch_size,
+                                     num_classes, image_size=raw_size)
+  compiled = setup.train_step.lower(
+      setup.state, batch, float(config.learning_rate)).compile(
+          compiler_options=compiler_options)
+  result = cost(compiled, setup.mesh.devices.size)
+  result['model_flops'] = flops_lib.analytic_train_flops_per_step(
+      config, num_classes)
+  # XLA's estimate of one device's memory for the step (here XLA:CPU's).
+  result['memory_bytes'] = throughput.compiled_memory_bytes(compiled)
+  result['compile_s'] = time.perf_counter() - start
+  rows = hlo_bytes.fusion_bytes(compiled.as_text()) if top else []
+  result['by_category'] = hlo_bytes.bytes_by_category(rows)
+  result['fusions'] = rows[:top]
+  return result
+
+
+def table(results, accelerators=ACCELERATORS):
+  """Markdown: one row per case, one column per accelerator.
+
+  Each accelerator's cell: the predicted step time, its bound and by how
+  much (the larger term over the smaller), and the images/s it implies;
+  `(!)` where XLA's memory estimate for the step (if known) exceeds the
+  chip's HBM, so that this batch needs several chips or `remat`.
+  """
+  lines = ['| case | batch | dtype | GFLOP/step (XLA) | GB/step (XLA:CPU '
+           'fusion) | FLOP/byte | ' + ' | '.join(a.name for a in accelerators)
+           + ' | measured |',
+           '| --- ' * (7 + len(accelerators)) + '|']
+  for r in results:
+    cells = []
+    for acc in accelerators:
+      p = predict(r['flops'], r['bytes'], peak_flops(acc, r['dtype']),
+                  acc.bandwidth)
+      cells.append(f"{p['time_s'] * 1e3:.2f} ms, {p['bound']} "
+                   f"{p['ratio']:.1f}x ({r['batch'] / p['time_s']:,.0f}/s)"
+                   + (' (!)' if (r.get('memory_bytes') or 0) > acc.memory
+                      else ''))
+    lines.append(
+        f"| {r['case']} | {r['batch']} | {r['dtype']} | "
+        f"{r['flops'] / 1e9:,.0f} | {r['bytes'] / 1e9:,.1f} | "
+        f"{r['flops'] / r['bytes']:.0f} | " + ' | '.join(cells) +
+        ' | not yet measured |')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  """Usage in the module docstring."""
+  # pylint: disable=g-import-not-at-top
+  import argparse
+  import jax
+  # pylint: enable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--cases', default=','.join(DEFAULT_CASES),
+                      help='Comma-separated CONFIG:DTYPE:BATCH.')
+  parser.add_argument('--top', type=int, default=0,
+                      help='List the N fusions that access the most bytes.')
+  parser.add_argument('--json', default='', help='Also write results here.')
+  args = parser.parse_args(argv)
+  device = jax.devices()[0]
+  print(f'cost analysis on: {jax.device_count()} x {device.device_kind} '
+        f'({device.platform}), jax {jax.__version__}')
+  results = []
+  for case in args.cases.split(','):
+    path, dtype, batch = parse_case(case)
+    if not os.path.exists(path):
+      print(f'{case}: skipped, {os.path.relpath(path, _ROOT)} does not exist.')
+      continue
+    config = load_config(path)
+    if dtype:
+      config.dtype = dtype
+    if batch:
+      config.batch_size = batch
+    num_classes, raw_size = data_shape(config)
+    r = step_cost(config, num_classes, raw_size,
+                  compiler_options=(FAST_COMPILE if device.platform == 'cpu'
+                                    else None), top=args.top)
+    r.update(case=case, batch=config.batch_size,
+             dtype=config.get('dtype', 'float32'))
+    results.append(r)
+    print(f"{case}: {r['flops'] / 1e9:,.1f} GFLOP (analytic matmuls "
+          f"{r['model_flops'] / 1e9:,.1f}), {r['bytes'] / 1e9:,.2f} GB "
+          f"accessed, memory estimate "
+          f"{(r['memory_bytes'] or 0) / 2**30:,.1f} GiB; compiled in "
+          f"{r['compile_s']:.0f} s")
+    for category, num_bytes in r['by_category'].items():
+      print(f'  {category}: {num_bytes / 1e9:,.2f} GB')
+    for row in r['fusions']:
+      print(f"  {row['bytes'] / 1e9:8.3f} GB  {row['category']:<20} "
+            f"{row['shape']:<28} {row['op_name'][:90]}")
+  print(table(results))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -1,0 +1,39 @@
+"""benchmarks/step_bench.py: the batch sweep, on made-up timings."""
+
+from benchmarks import step_bench
+
+
+def _sweep(rates, first=64, last=4096, wave=3, out_of_time=lambda: False):
+  """`batch_sweep` over fake timings: batch -> images/s, or 'oom'."""
+  waves = []
+
+  def run_wave(batches):
+    waves.append(batches)
+    for b in batches:
+      rate = rates[b]
+      yield ({'batch': b, 'oom': True} if rate == 'oom' else
+             {'batch': b, 'images_per_sec': rate})
+
+  rows, best, reason = step_bench.batch_sweep(first, last, wave, 0.05,
+                                                run_wave, out_of_time)
+  return [r['batch'] for r in rows], best and best['batch'], reason, waves
+
+
+def test_batch_sweep_stops_where_it_should():
+  # Doubling pays until 512 (310 images/s is not 5% over 300): the best is
+  # still 512, the fastest timed, and 1024 is never timed.
+  rates = {64: 100, 128: 190, 256: 300, 512: 310, 1024: 400}
+  assert _sweep(rates) == ([64, 128, 256, 512], 512, 'no gain',
+                           [[64, 128, 256], [512, 1024, 2048]])
+  # Slower at 256: the best stays at 128.
+  assert _sweep({64: 100, 128: 190, 256: 150})[1:3] == (128, 'no gain')
+  # Out of memory at 128, mid-wave: the rest of the wave is not timed.
+  assert _sweep({64: 100, 128: 'oom', 256: 500})[:3] == (
+      [64, 128], 64, 'does not fit')
+  assert _sweep({64: 100, 128: 190, 256: 'oom'}, wave=1)[:3] == (
+      [64, 128, 256], 128, 'does not fit')
+  # The largest batch allowed, and the time guard.
+  assert _sweep({64: 100, 128: 190}, last=128)[1:3] == (
+      128, 'largest batch (--sweep_max) reached')
+  assert _sweep({}, out_of_time=lambda: True)[:3] == (
+      [], None, 'out of time')
