@@ -41,7 +41,6 @@ accelerator is at hand.
 import datetime
 import glob
 import os
-import statistics
 import sys
 import time
 
@@ -79,7 +78,6 @@ from benchmarks import device_report
 from benchmarks import fast_paths
 from benchmarks import roofline
 from benchmarks import step_bench
-from benchmarks import throughput
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -246,54 +244,14 @@ def run(argv_flags, log=print):
 
   def checks():
     base = with_batch(seed, check_batch)
-    paths, skipped = fast_paths.check_paths(base, smoke)
     results['check_setup'] = {'config': f.seed_config, 'batch': check_batch,
                               'steps': 1 if smoke else f.check_steps}
-    programs = bench.programs(
-        [(f'{seed_name} [{name}]', config, seed_classes, seed_raw)
-         for name, _, config in paths], deadline=clock.deadline)
-    outcome, status = {}, 'done'
-    for (name, against, _), program in zip(paths, programs):
-      row = {'path': name, 'against': against}
-      if program.error:
-        row['verdict'] = program.error
-        status = 'done, with errors'
-      elif time.perf_counter() > clock.deadline:
-        row['verdict'] = 'skipped: the section ran out of time'
-        status = 'out of time'
-      else:
-        try:
-          state, result, update = fast_paths.run_check(
-              bench, program, results['check_setup']['steps'])
-          outcome[name] = (result, update)
-          timed = throughput.time_steps(
-              program.compiled, state, bench.batch(program),
-              float(program.config.learning_rate), steps, 1)
-          row['step_ms'] = statistics.median(timed[2]) * 1e3
-          del state, timed
-          row.update(losses=result['losses'],
-                     grad_norms=result['grad_norms'])
-          if against is None:
-            row['verdict'] = 'reference'
-          elif against not in outcome:
-            row['verdict'] = f'no reference ({against} did not run)'
-          else:
-            row.update(fast_paths.compare(result, outcome[against][0], update,
-                               outcome[against][1]))
-        except Exception as e:  # pylint: disable=broad-except
-          row['verdict'] = step_bench.short_error(e)
-          status = 'done, with errors'
-      results['checks'].append(row)
-      log(f"  {name}: {row['verdict']}" + (
-          f" (loss {row['loss']:.2e}, grad norm {row['grad_norm']:.2e}, "
-          f"update {row['update']:.2e}, cosine {row['cosine']:.4f})"
-          if 'loss' in row else ''))
-    for name, reason in skipped:
-      results['checks'].append({'path': name, 'verdict': 'skipped: ' + reason})
-      log(f'  {name}: skipped: {reason}')
-    failed = [r['path'] for r in results['checks']
-              if r['verdict'].startswith('FAIL')]
-    return status + (f"; FAIL: {', '.join(failed)}" if failed else '')
+    rows, status = fast_paths.check_all(
+        bench, fast_paths.check_paths(base, smoke), seed_name, seed_classes,
+        seed_raw, results['check_setup']['steps'], steps, clock.deadline,
+        log)
+    results['checks'] += rows
+    return status
 
   def time_and_log(program, label):
     row = step_bench.time_program(bench, program, label, steps, warmup,

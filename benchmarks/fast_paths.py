@@ -6,10 +6,14 @@ initial state on the same batches it must agree with its reference within
 `TOLERANCES`, which say why each bound is what it is.
 """
 
+import statistics
+import time
+
 import jax
 import numpy as np
 
 from benchmarks import step_bench
+from benchmarks import throughput
 from perceiver_jax.model import perceiver
 
 # Relative errors a fast path may have against the float32 step. Each path
@@ -114,3 +118,66 @@ def compare(result, reference, update, reference_update):
     problems.append('reference gradient norm too small to compare')
   return dict(errors, cosine=cosine,
               verdict='ok' if not problems else 'FAIL: ' + '; '.join(problems))
+
+
+def check_all(bench, paths_and_skipped, name, num_classes, raw_shape,
+              num_steps, timing_steps, deadline, log=print):
+  """Runs every path of `check_paths` and compares it with its reference.
+
+  Args:
+    bench: the `step_bench.Bench` that compiles and feeds the steps.
+    paths_and_skipped: what `check_paths` returns.
+    name: the seed config's name, for the compile log.
+    num_classes, raw_shape: the seed's data, as `roofline.data_shape` gives.
+    num_steps: train steps each path takes from the common initial state.
+    timing_steps: steps timed per path (its step ms, for the table).
+    deadline: `time.perf_counter()` after which no path starts.
+    log: progress lines.
+
+  Returns:
+    `(rows, status)`: one row per path (its verdict, errors, losses and
+    step time) and the section's status.
+  """
+  paths, skipped = paths_and_skipped
+  programs = bench.programs(
+      [(f'{name} [{path}]', config, num_classes, raw_shape)
+       for path, _, config in paths], deadline=deadline)
+  rows, outcome, status = [], {}, 'done'
+  for (path, against, _), program in zip(paths, programs):
+    row = {'path': path, 'against': against}
+    if program.error:
+      row['verdict'] = program.error
+      status = 'done, with errors'
+    elif time.perf_counter() > deadline:
+      row['verdict'] = 'skipped: the section ran out of time'
+      status = 'out of time'
+    else:
+      try:
+        state, result, update = run_check(bench, program, num_steps)
+        outcome[path] = (result, update)
+        timed = throughput.time_steps(
+            program.compiled, state, bench.batch(program),
+            float(program.config.learning_rate), timing_steps, 1)
+        row['step_ms'] = statistics.median(timed[2]) * 1e3
+        del state, timed
+        row.update(losses=result['losses'], grad_norms=result['grad_norms'])
+        if against is None:
+          row['verdict'] = 'reference'
+        elif against not in outcome:
+          row['verdict'] = f'no reference ({against} did not run)'
+        else:
+          row.update(compare(result, outcome[against][0], update,
+                             outcome[against][1]))
+      except Exception as e:  # pylint: disable=broad-except
+        row['verdict'] = step_bench.short_error(e)
+        status = 'done, with errors'
+    rows.append(row)
+    log(f"  {path}: {row['verdict']}" + (
+        f" (loss {row['loss']:.2e}, grad norm {row['grad_norm']:.2e}, "
+        f"update {row['update']:.2e}, cosine {row['cosine']:.4f})"
+        if 'loss' in row else ''))
+  for path, reason in skipped:
+    rows.append({'path': path, 'verdict': 'skipped: ' + reason})
+    log(f'  {path}: skipped: {reason}')
+  failed = [r['path'] for r in rows if r['verdict'].startswith('FAIL')]
+  return rows, status + (f"; FAIL: {', '.join(failed)}" if failed else '')

@@ -219,7 +219,7 @@ class Perceiver(nn.Module):
     Returns:
       float32 logits `[batch, num_classes]`. With `mutable=['intermediates']`
       the encoder cross-attention also sows its weights, one entry per
-      iteration (see `cross_attention_weights`).
+      iteration (see `sharing.cross_attention_weights`).
     """
     if images.ndim != 4 or images.shape[1:3] != (self.image_size,) * 2:
       raise ValueError(
@@ -289,27 +289,6 @@ class Perceiver(nn.Module):
         dropout_bits=self.compute.dropout_bits, name='classifier')(
             representation, deterministic=deterministic)
     return logits.astype(jnp.float32)
-
-
-def cross_attention_weights(intermediates):
-  """The sown encoder attention weights, one per iteration, in order.
-
-  Args:
-    intermediates: the 'intermediates' collection returned by
-      `model.apply(..., mutable=['intermediates'])`.
-
-  Returns:
-    A list of `num_iterations` float32 arrays `[batch, heads, latents,
-    inputs]` (heads is 1 for the seed's cross-attention).
-  """
-  def index(name):  # 'cross_attention' (shared by all), or '_<i>'.
-    return int(name.rpartition('_')[2]) if name[-1].isdigit() else 0
-
-  names = sorted((n for n in intermediates if n.startswith('cross_attention')),
-                 key=index)
-  return [w for n in names
-          for w in intermediates[n]['attention'][
-              attention_lib.ATTENTION_WEIGHTS]]
 
 
 # Config fields the model reads with a default, and the default: the seed's

@@ -22,6 +22,7 @@ set i is named '<kind>_<i>'.
 """
 
 from perceiver_jax import checks
+from perceiver_jax.model import attention as attention_lib
 
 WEIGHT_SHARING = ('all', 'first_cross_attend', 'first_iteration', 'none')
 # The requirement names the earlier 'paper', so an old config's error says
@@ -56,3 +57,24 @@ def num_weight_sets(mode, kind, num_iterations):
 def module_name(mode, kind, index):
   """Parameter name of set `index` of `kind`."""
   return kind if _shared_by_all(mode, kind) else f'{kind}_{index}'
+
+
+def cross_attention_weights(intermediates):
+  """The sown encoder attention weights, one per iteration, in order.
+
+  Args:
+    intermediates: the 'intermediates' collection returned by
+      `model.apply(..., mutable=['intermediates'])`.
+
+  Returns:
+    A list of `num_iterations` float32 arrays `[batch, heads, latents,
+    inputs]` (heads is 1 for the seed's cross-attention).
+  """
+  def index(name):  # `module_name`'s: CROSS_ATTENTION, or '<kind>_<i>'.
+    return int(name.rpartition('_')[2]) if name[-1].isdigit() else 0
+
+  names = sorted((n for n in intermediates if n.startswith(CROSS_ATTENTION)),
+                 key=index)
+  return [w for n in names
+          for w in intermediates[n]['attention'][
+              attention_lib.ATTENTION_WEIGHTS]]

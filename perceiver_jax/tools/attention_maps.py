@@ -27,7 +27,7 @@ from PIL import ImageDraw
 
 from perceiver_jax import errors
 from perceiver_jax.data import input_pipeline
-from perceiver_jax.model import perceiver
+from perceiver_jax.model import sharing
 from perceiver_jax.tools import trained as trained_lib
 
 TILE = 96  # Pixels per tile side.
@@ -70,7 +70,7 @@ def cross_attention_maps(trained, images, iteration='last'):
     logits, state = trained.model.apply(
         {'params': params}, trained.preprocess(images), train=False,
         mutable=['intermediates'])
-    weights = perceiver.cross_attention_weights(state['intermediates'])
+    weights = sharing.cross_attention_weights(state['intermediates'])
     if len(weights) != config.num_iterations:
       raise ValueError(
           f'The model sowed {len(weights)} cross-attention weight arrays; '

@@ -23,6 +23,7 @@ from perceiver_jax.model import decoders
 from perceiver_jax.model import dropout as dropout_lib
 from perceiver_jax.model import encoders
 from perceiver_jax.model import perceiver
+from perceiver_jax.model import sharing
 from perceiver_jax.model import position_encoding
 
 from tests.model import test_perceiver
@@ -237,7 +238,7 @@ def test_per_pixel_input_at_native_resolution(encoding):
       functools.partial(model.apply, train=False, mutable=['intermediates']),
       variables, images)
   assert logits.shape == (2, 100)
-  weights = perceiver.cross_attention_weights(state['intermediates'])
+  weights = sharing.cross_attention_weights(state['intermediates'])
   assert [w.shape for w in weights] == [(2, 1, 16, 1024)] * 2
 
 
@@ -293,18 +294,18 @@ def test_parameter_count_at_cifar100_size(overrides):
 
 def test_weight_sets_per_sharing_mode():
   names = {}
-  for sharing in WEIGHT_SETS:
+  for mode in WEIGHT_SETS:
     params = param_shapes(tiny_config(num_iterations=3,
-                                      weight_sharing=sharing))
-    names[sharing] = sorted(n for n in params if n.startswith(
+                                      weight_sharing=mode))
+    names[mode] = sorted(n for n in params if n.startswith(
         ('cross', 'latent_transformer')))
     # Every set of a kind has the same size; the rest is shared by all.
-    one = {kind: count(params[next(n for n in names[sharing]
+    one = {kind: count(params[next(n for n in names[mode]
                                    if n.startswith(kind))])
            for kind in ('cross_attention', 'latent_transformer')}
     others = count({n: p for n, p in params.items()
-                    if n not in names[sharing]})
-    cross_sets, transformer_sets = WEIGHT_SETS[sharing](3)
+                    if n not in names[mode]})
+    cross_sets, transformer_sets = WEIGHT_SETS[mode](3)
     assert count(params) == (others + cross_sets * one['cross_attention'] +
                              transformer_sets * one['latent_transformer'])
   assert names == {
@@ -586,7 +587,7 @@ def test_sown_cross_attention_weights(overrides, heads):
     captured, state = model.apply(variables, images, train=train, rngs=rngs,
                                   mutable=['intermediates'])
     np.testing.assert_allclose(captured, plain, rtol=1e-6, atol=1e-6)
-    weights = perceiver.cross_attention_weights(state['intermediates'])
+    weights = sharing.cross_attention_weights(state['intermediates'])
     assert len(weights) == config.num_iterations
     for w in weights:
       assert w.shape == (2, heads, config.latent_dim, model.num_patches)
@@ -631,7 +632,7 @@ def test_sown_weights_through_remat(weight_sharing):
         lambda v, x, train=train: model.apply(
             v, x, train=train, rngs={'dropout': key(1)},
             mutable=['intermediates']), variables, images)
-    weights = perceiver.cross_attention_weights(state['intermediates'])
+    weights = sharing.cross_attention_weights(state['intermediates'])
     assert [w.shape for w in weights] == [(2, 2, 4, 16)] * 3
 
 

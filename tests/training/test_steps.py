@@ -57,7 +57,8 @@ def _run(num_devices, num_steps=2):
     batch = sharding_lib.global_batch(mesh, _batch(16, seed=i))
     state, m = train_step(state, batch, 1e-3)
     history.append(jax.device_get(m))
-  ev = eval_step(state, sharding_lib.global_batch(mesh, _batch(16, 9, masked=5)))
+  ev = eval_step(state, sharding_lib.global_batch(
+      mesh, _batch(16, 9, masked=5)))
   return jax.device_get(state.params), history, jax.device_get(ev), state
 
 
