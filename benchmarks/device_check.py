@@ -26,11 +26,13 @@ after every section (a run cut short keeps what it measured):
    paper's ImageNet model at batch 16); a missing config file is a note.
 
 Every configuration compiles once; nothing starts after `--max_minutes`
-(6.5), so the command ends within about 8 minutes. Each timed case reports
-images/s, step time, MFU against the measured peak, XLA's FLOPs and bytes
-with the roofline time they predict, device memory, and the time of one
-45,000-image epoch and of 45 epochs (`step_bench.time_program`). BENCHMARKS.md
-("Device check") gives the budget per section and how to run it.
+(6.5), so the command is planned to end within about 8 minutes (a compile
+under way then still finishes; not yet timed on an accelerator). Each
+timed case reports images/s, step time, MFU against the measured peak,
+XLA's FLOPs and bytes with the roofline time they predict, device memory,
+and the time of one 45,000-image epoch and of 45 epochs
+(`step_bench.time_program`). BENCHMARKS.md ("Device check") gives the
+budget per section and how to run it.
 
 `--smoke` runs every section on the CPU in seconds (a tiny model, tiny
 batches, one step per case); the test suite runs it without tensorflow or an
@@ -40,6 +42,7 @@ accelerator is at hand.
 
 import datetime
 import glob
+import inspect
 import os
 import sys
 import time
@@ -93,8 +96,6 @@ SMOKE_MODEL = dict(image_size=16, patch_size=4, latent_dim=8,
                    projection_dim=16, num_heads=2, ffn_units=(16, 16),
                    num_transformer_blocks=1, num_iterations=1,
                    classifier_units=(16,))
-# Same HLO, quicker XLA:CPU code generation (--smoke only).
-FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
 
 def _define_flags():
@@ -150,11 +151,9 @@ def smoke_config(path, arg):
   """A tiny version of a config: its own 'test' variant where it has one
   (`get_config('test')`), else its options on configs/fake_data.py's model.
   """
-  if arg is None:
-    try:
-      return roofline.load_config(path, 'test')
-    except TypeError:  # get_config() takes no argument.
-      pass
+  get_config = roofline.config_module(path).get_config
+  if arg is None and inspect.signature(get_config).parameters:
+    return get_config('test')
   return step_bench.variant(roofline.load_config(path, arg), **SMOKE_MODEL)
 
 
@@ -192,7 +191,7 @@ def run(argv_flags, log=print):
   log('plan: ' + '; '.join(f'{n} {m * f.plan_scale:g} min ({PROGRAMS[n]})'
                            for n, m in PLAN) +
       f'; nothing starts after {f.max_minutes:g} min')
-  compiler_options = FAST_COMPILE if device.platform == 'cpu' else None
+  compiler_options = roofline.compiler_options(device.platform)
   bench = step_bench.Bench(compiler_options, f.compile_threads, log)
   steps, warmup = (1, 0) if smoke else (f.steps, f.warmup)
 

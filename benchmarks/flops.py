@@ -1,7 +1,7 @@
 """Model FLOPs of the Perceiver: counted by hand, and as XLA counts them.
 
 `analytic_flops_per_example` counts every matmul of the forward pass (2 FLOPs
-per multiply-add), the usual MFU convention; `xla_flops` reads XLA's cost
+per multiply-add), the usual MFU convention; `xla_cost` reads XLA's cost
 analysis of a compiled program, which also counts elementwise work. Imports
 neither tensorflow nor tfds.
 """
@@ -178,13 +178,14 @@ def analytic_train_flops_per_step(config, num_classes, batch_size=None):
       config, num_classes, batch_size=batch_size)['total']
 
 
-def xla_flops(compiled, num_devices=1):
-  """FLOPs XLA's cost analysis counts for a compiled program, all devices.
+def xla_cost(compiled, num_devices=1):
+  """`{'flops', 'bytes'}` XLA's cost analysis counts, all devices together.
 
-  An SPMD-partitioned executable is one device's program, so its count is
+  An SPMD-partitioned executable is one device's program, so its counts are
   multiplied by the number of devices it runs on.
   """
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older jax: one dict per program.
-    cost = cost[0]
-  return float(cost['flops']) * num_devices
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older jax: one per program.
+    analysis = analysis[0]
+  return {'flops': float(analysis['flops']) * num_devices,
+          'bytes': float(analysis['bytes accessed']) * num_devices}

@@ -13,9 +13,9 @@ dataset in ArrayRecord files and measures:
     (benchmarks/flops.py), a peak and an assumed MFU (both flags: nothing
     here measures an accelerator);
   * the peak host memory (this process and its workers, max RSS) while
-    streaming datasets of two sizes, the larger several times what
-    `storage.MEMORY_BUDGET_BYTES`-style in-memory storage could hold in
-    `--memory_budget_mib`;
+    streaming datasets of two sizes, the larger several times an
+    illustrative in-memory budget, `--memory_budget_mib` (not the 4 GiB
+    `storage.MEMORY_BUDGET_BYTES` that `data_storage='auto'` uses);
   * in-memory against streamed batches for CIFAR-sized data (32 x 32 PNGs),
     which `data_storage='auto'` keeps in memory.
 The last line is machine-readable. `--smoke` runs tiny sizes in seconds.
@@ -73,8 +73,8 @@ class SyntheticJpegs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """`num` JPEGs of `width` x `height`, quality 90, natural-ish content.
 
   Smooth colour fields plus noise: JPEG spends about as many bits on them as
-  on photographs (about 60-100 KB at 500 x 375), unlike flat or pure-noise
-  images.
+  on photographs (72-84 KB each at 500 x 375, BENCHMARKS.md), unlike flat
+  or pure-noise images.
   """
   VERSION = tfds.core.Version('1.0.0')
   BUILDER_CONFIGS = []

@@ -93,19 +93,6 @@ def peak_flops(accelerator, dtype):
           else accelerator.f32_flops)
 
 
-def cost(compiled, num_devices=1):
-  """`{'flops', 'bytes'}` XLA's cost analysis counts, all devices together.
-
-  An SPMD-partitioned executable is one device's program, so its counts are
-  multiplied by the number of devices it runs on (as `flops.xla_flops`).
-  """
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # Older jax: one per program.
-    analysis = analysis[0]
-  return {'flops': float(analysis['flops']) * num_devices,
-          'bytes': float(analysis['bytes accessed']) * num_devices}
-
-
 def predict(flops, num_bytes, peak, bandwidth):
   """The roofline of one step: `max(flops / peak, bytes / bandwidth)`.
 
@@ -133,6 +120,11 @@ DEFAULT_CASES = ('cifar100:float32:64', 'cifar100:bfloat16:64',
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
 
+def compiler_options(platform):
+  """FAST_COMPILE on CPUs; an accelerator's compile is left as it is."""
+  return FAST_COMPILE if platform == 'cpu' else None
+
+
 # Classes, and the side of the images as the host serves them, of the
 # datasets the configs name; images that vary in size are served at
 # config.image_size (the host crops or resizes them).
@@ -145,13 +137,19 @@ def load_config(path, arg=None):
 
   `arg` is what main.py's `--config=PATH:ARG` passes (e.g. 'test').
   """
+  module = config_module(path)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+def config_module(path):
+  """The config file's module, imported from its path."""
   # pylint: disable-next=g-import-not-at-top
   import importlib.util
   spec = importlib.util.spec_from_file_location(
       'config_' + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config() if arg is None else module.get_config(arg)
+  return module
 
 
 def data_shape(config):
@@ -192,7 +190,7 @@ def step_cost(config, num_classes, raw_size, *, compiler_options=None,
   compiled = setup.train_step.lower(
       setup.state, batch, float(config.learning_rate)).compile(
           compiler_options=compiler_options)
-  result = cost(compiled, setup.mesh.devices.size)
+  result = flops_lib.xla_cost(compiled, setup.mesh.devices.size)
   result['model_flops'] = flops_lib.analytic_train_flops_per_step(
       config, num_classes)
   # XLA's estimate of one device's memory for the step (here XLA:CPU's).
@@ -262,8 +260,8 @@ def main(argv):
       config.batch_size = batch
     num_classes, raw_size = data_shape(config)
     r = step_cost(config, num_classes, raw_size,
-                  compiler_options=(FAST_COMPILE if device.platform == 'cpu'
-                                    else None), top=args.top)
+                  compiler_options=compiler_options(device.platform),
+                  top=args.top)
     r.update(case=case, batch=config.batch_size,
              dtype=config.get('dtype', 'float32'))
     results.append(r)

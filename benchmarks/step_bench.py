@@ -23,6 +23,7 @@ import numpy as np
 from benchmarks import flops as flops_lib
 from benchmarks import roofline
 from benchmarks import throughput
+from perceiver_jax.model import compute as compute_lib
 from perceiver_jax.model import perceiver
 from perceiver_jax.training import recipe
 from perceiver_jax.training import sharding as sharding_lib
@@ -42,9 +43,8 @@ def variant(config, **fields):
 
 def architecture(config):
   """What the train state depends on: the config without speed fields."""
-  speed = ('dtype', 'remat', 'attention_impl', 'attention_form',
-           'dropout_bits', 'batch_size', 'learning_rate', 'dropout_rate',
-           'attention_dropout_rate')
+  speed = (*compute_lib.CONFIG_DEFAULTS, 'dtype', 'remat', 'batch_size',
+           'learning_rate', 'dropout_rate', 'attention_dropout_rate')
   return json.dumps({k: v for k, v in config.to_dict().items()
                      if k not in speed}, sort_keys=True, default=str)
 
@@ -247,7 +247,7 @@ def time_program(bench, program, label, steps, warmup, peaks, bandwidth):
   step_s = statistics.median(times)
   model_flops = flops_lib.analytic_train_flops_per_step(
       config, program.num_classes)
-  cost = roofline.cost(program.compiled, len(bench.devices))
+  cost = flops_lib.xla_cost(program.compiled, len(bench.devices))
   peak = peaks[row['dtype'] if row['dtype'] in peaks else 'float32']
   predicted = roofline.predict(cost['flops'], cost['bytes'], peak, bandwidth)
   after = throughput.peak_memory_bytes(device)

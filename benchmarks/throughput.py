@@ -233,11 +233,11 @@ def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
 
   step_s = statistics.median(times)
   images_per_sec = config.batch_size / step_s
-  model_flops = flops.analytic_train_flops_per_step(config, num_classes)
-  factored_flops = 3 * config.batch_size * flops.analytic_flops_per_example(
-      config, num_classes)['factored_total']
+  per_example = flops.analytic_flops_per_example(config, num_classes)
+  model_flops = 3 * config.batch_size * per_example['total']
+  factored_flops = 3 * config.batch_size * per_example['factored_total']
   folded = model.latent_attention_folded(config.batch_size)
-  compiled_flops = flops.xla_flops(compiled, len(devices))
+  compiled_flops = flops.xla_cost(compiled, len(devices))['flops']
   achieved = model_flops / step_s
   dtype = jnp.dtype(config.get('dtype', 'float32'))
   size = peak_matmul_size or default_peak_size(device)

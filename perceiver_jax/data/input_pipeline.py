@@ -152,25 +152,13 @@ class Pipeline:
     Like Keras' Normalization.adapt, over the images as the model sees them
     in evaluation (stored, or resized and centre-cropped); over all of the
     training split, or `normalization_examples` evenly spaced examples.
-    float64 sums of uint8 values are exact (well below 2**53), so
-    E[x^2] - E[x]^2 loses nothing to accumulation. A collective when there
-    are several processes: call it on all of them.
+    Sums from `host_transforms.moment_sums` (which says when they are
+    exact). A collective when there are several processes: call it on all
+    of them.
     """
-    c = self.info.channels
     positions, expected = self._stats_positions()
-    if self.storage == 'memory':
-      sums = np.zeros((3, c), np.float64)  # count, sum, sum of squares.
-      for images in self._source.train_images(positions):
-        for start in range(0, len(images), 4096):
-          chunk = images[start:start + 4096].reshape(-1, c).astype(
-              np.float64)
-          sums += [np.full(c, len(chunk)), chunk.sum(0),
-                   np.square(chunk).sum(0)]
-    else:
-      sums = self._source.stats_sums(
-          [p + a for p, (a, _) in zip(positions,
-                                      self.sampler.local_ranges('train'))])
-    count, total, total_sq = _sum_over_processes(sums)
+    count, total, total_sq = _sum_over_processes(
+        self._source.stats_sums(positions))
     pixels = self.info.height * self.info.width
     if count[0] != expected * pixels:
       raise RuntimeError(

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from perceiver_jax.data import datasets
+from perceiver_jax.data import host_transforms
 from perceiver_jax.data import splits as splits_lib
 
 _READ_BATCH = 1024  # Examples per tf.data batch while decoding into memory.
@@ -110,9 +111,16 @@ class MemoryStorage:
     return {'image': np.concatenate(images), 'label': np.concatenate(labels),
             'mask': np.concatenate(masks).astype(np.float32)}
 
-  def train_images(self, positions):
-    """Per local shard, the training images at `positions` within it."""
-    return [x[p] for p, (x, _) in zip(positions, self._data['train'])]
+  def stats_sums(self, positions):
+    """`host_transforms.moment_sums` over the training images at
+    `positions` (per local shard, within it)."""
+    channels = self._data['train'][0][0].shape[-1]
+    sums = np.zeros((3, channels), np.float64)
+    for p, (x, _) in zip(positions, self._data['train']):
+      for start in range(0, len(p), 4096):  # Bounds the float64 copy.
+        sums += host_transforms.moment_sums(x[p[start:start + 4096]],
+                                            channels)
+    return sums
 
   def close(self):
     pass

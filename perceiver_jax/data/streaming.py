@@ -10,9 +10,10 @@ state and 2 processes x 2 devices read what 1 x 4 reads. Host memory stays
 bounded by the batches in flight, whatever the dataset's size.
 
 Workers are spawned processes that import this module, numpy, Pillow and
-tfds, never jax, so they cannot re-initialise `jax.distributed`. Iterators
-are closed when an epoch's batches are done (or the run stops), which
-releases the workers and their shared memory.
+tfds, never jax, so they cannot re-initialise `jax.distributed`. The
+training iterator spans every remaining epoch, each evaluation pass has its
+own; closing them (when a pass is done, or the pipeline closes as the run
+stops) releases the workers and their shared memory.
 """
 
 import dataclasses
@@ -125,14 +126,13 @@ class _Reader:
     return {'image': images, 'label': labels, 'mask': mask}
 
   def stats_sums(self, indices):
-    """float64 [count, sum, sum of squares] per channel over the evaluation
-    views of the training records `indices` (tfds 'train' indices)."""
+    """`host_transforms.moment_sums` over the evaluation views of the
+    training records `indices` (tfds 'train' indices)."""
     c = self.transform.channels
     sums = np.zeros((3, c), np.float64)
     for index in indices:
-      x = self.transform.eval(self.sources['train'][int(index)]['image'])
-      x = x.reshape(-1, c).astype(np.float64)
-      sums += [np.full(c, len(x)), x.sum(0), np.square(x).sum(0)]
+      sums += host_transforms.moment_sums(
+          self.transform.eval(self.sources['train'][int(index)]['image']), c)
     return sums
 
 
@@ -193,9 +193,12 @@ class StreamingStorage:
     return self._iterate(steps.map(
         functools.partial(self._reader.eval_batch, split)))
 
-  def stats_sums(self, indices: Sequence[np.ndarray]):
-    """Summed `_Reader.stats_sums` over chunks of `indices`, in workers."""
-    flat = np.concatenate(list(indices)) if indices else np.zeros(0, int)
+  def stats_sums(self, positions: Sequence[np.ndarray]):
+    """Summed `_Reader.stats_sums` over the training records at `positions`
+    (per local shard, within it), in chunks read by the workers."""
+    indices = [p + a for p, (a, _) in zip(
+        positions, self._sampler.local_ranges('train'))]
+    flat = np.concatenate(indices) if indices else np.zeros(0, int)
     chunks = [flat[i:i + 64] for i in range(0, len(flat), 64)]
     total = np.zeros((3, self._reader.transform.channels), np.float64)
     for sums in self._iterate(grain.MapDataset.source(chunks).map(

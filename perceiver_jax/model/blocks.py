@@ -16,6 +16,10 @@ from perceiver_jax.model import compute as compute_lib
 from perceiver_jax.model import dropout as dropout_lib
 
 
+def _divisors(width):
+  return [k for k in range(1, width + 1) if width % k == 0]
+
+
 def cross_heads_problem(num_heads, width, field=str):
   """Why `num_heads` cross-attention heads cannot split `width`, or None.
 
@@ -24,11 +28,10 @@ def cross_heads_problem(num_heads, width, field=str):
   if not (checks.is_int(num_heads) and num_heads > 0 and
           checks.is_int(width) and width > 0 and width % num_heads):
     return None
-  divisors = [k for k in range(1, width + 1) if width % k == 0]
   return (f'{field("num_cross_heads")}={num_heads} must divide '
           f'{field("projection_dim")}={width} (each head is projection_dim '
           f'// num_cross_heads wide); choose 0 (the seed) or one of '
-          f'{divisors}')
+          f'{_divisors(width)}')
 
 
 def input_width_problem(cross_attention_width, num_heads, field=str):
@@ -163,12 +166,11 @@ class CrossAttentionBlock(nn.Module):
     if self.num_heads:
       width = self.projection_dim if self.width == 'latent' else data.shape[-1]
       if width % self.num_heads:  # Only 'input': its width is the data's.
-        divisors = [k for k in range(1, width + 1) if width % k == 0]
         raise errors.InputError(
             f'config.num_cross_heads={self.num_heads} must divide the data '
             f'array\'s width, {width} with cross_attention_width=\'input\' '
             '(the pixel values of a patch and their Fourier features); '
-            f'choose one of {divisors}')
+            f'choose one of {_divisors(width)}')
       attention = attention_lib.MultiHeadAttention(
           self.num_heads, width // self.num_heads,
           self.attention_dropout_rate, dtype=self.dtype,

@@ -6,8 +6,6 @@ workdir's saved config, statistics and checkpoint (`trained.py`), and the
 result is printed the way the Keras example prints it.
 """
 
-import jax
-
 from perceiver_jax.data import datasets
 from perceiver_jax.data import input_pipeline
 from perceiver_jax.tools import trained as trained_lib
@@ -22,7 +20,8 @@ def run(workdir, *, overrides=None):
 
   Returns:
     `{'test_loss', 'test_accuracy', 'test_top5_accuracy', 'num_examples',
-    'step', 'checkpoint'}`; `num_examples` is counted from the batch masks.
+    'step', 'checkpoint'}`; `loop.evaluate` checks that the batch masks
+    counted each of the `num_examples` once.
   """
   trained_lib.check_workdir(workdir)
   config = trained_lib.load_config(workdir, overrides)
@@ -32,22 +31,14 @@ def run(workdir, *, overrides=None):
   datasets.prepare(config)
   _, eval_step = steps.jit_steps(config, trained.stats, mesh,
                                  trained.state_shardings)
-  counts = []
-
-  def counting_step(state, batch):
-    out = eval_step(state, batch)
-    counts.append(out['count'])
-    return out
-
   # eval_step evaluates `recipe.eval_params(state)`, as training's test did.
   with input_pipeline.Pipeline(
       config, num_shards=mesh.devices.size,
       shard_indices=sharding_lib.local_shard_indices(mesh)) as pipeline:
-    test = loop.evaluate(counting_step, trained.state, pipeline, 'test',
-                         mesh)
+    test = loop.evaluate(eval_step, trained.state, pipeline, 'test', mesh)
   results = {'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
              'test_top5_accuracy': test['top5_accuracy'],
-             'num_examples': int(sum(float(c) for c in jax.device_get(counts))),
+             'num_examples': pipeline.num_test_examples,
              'step': trained.step, 'checkpoint': trained.checkpoint}
   if metrics_lib.is_chief():
     ema = ' (EMA weights)' if trained.uses_ema else ''

@@ -126,9 +126,8 @@ class TrainedModel:
   class_names: Sequence[str]
   stats: dict
   model: Any
-  state: Any  # steps.TrainState, restored into `state_shardings` on `mesh`.
+  state: Any  # steps.TrainState, restored into `state_shardings`.
   state_shardings: Any
-  mesh: Any
   step: int
   checkpoint: str  # 'best', 'latest' or 'last readable'.
   epoch: Optional[int]
@@ -142,11 +141,6 @@ class TrainedModel:
   @property
   def uses_ema(self):
     return self.params is not self.state.params
-
-  @property
-  def image_shape(self):
-    """Native `(height, width, channels)` of the dataset's images."""
-    return self.info.height, self.info.width, self.info.channels
 
   def preprocess(self, images):
     """Raw uint8 `[n, height, width, channels]` as evaluation sees them."""
@@ -206,7 +200,7 @@ def load(workdir, *, overrides=None, mesh=None):
   return TrainedModel(
       workdir=path, config=config, info=info,
       class_names=class_names(path, info), stats=stats, model=model,
-      state=state, state_shardings=shardings, mesh=mesh, step=int(step),
+      state=state, state_shardings=shardings, step=int(step),
       checkpoint=which, epoch=meta.get('epoch'))
 
 

@@ -172,10 +172,9 @@ def select_checkpoint(manager, restore_best=True):
 
   With `restore_best` (the run's `early_stopping.restore_best_weights`) that
   is the early-stopping best, which the newest checkpoint's meta records, as
-  training's final test reads it (orbax keeps its own best marker in memory
-  only). With no best recorded, or its checkpoint gone, the latest is used,
-  with a warning. Without `restore_best` training tested its final weights:
-  the latest checkpoint.
+  training's final test reads it. With no best recorded, or its checkpoint
+  gone, the latest is used, with a warning. Without `restore_best` training
+  tested its final weights: the latest checkpoint.
   """
   manager.reload()
   all_steps = sorted(manager.all_steps(), reverse=True)

@@ -58,7 +58,8 @@ def replicated(mesh):
   return NamedSharding(mesh, P())
 
 
-def _path_name(path):
+def path_name(path):
+  """'a/b/c' for a pytree key path (dict keys or attribute names)."""
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
@@ -67,7 +68,7 @@ def tree_shardings(tree, mesh, rules=()):
   compiled = [(re.compile(pattern), tuple(spec)) for pattern, spec in rules]
 
   def leaf_sharding(path, leaf):
-    name = _path_name(path)
+    name = path_name(path)
     for pattern, spec in compiled:
       if pattern.fullmatch(name):
         if len(spec) > np.ndim(leaf):

@@ -21,6 +21,7 @@ from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.model import perceiver
 from perceiver_jax.training import checkpointing
+from perceiver_jax.training import sharding as sharding_lib
 from perceiver_jax.training import workdir as workdir_lib
 
 RULES = {'init_from': checks.Rule(
@@ -46,19 +47,15 @@ def _model_differences(saved, config):
   return lines
 
 
-def _path(key_path):
-  return '/'.join(str(getattr(k, 'key', k)) for k in key_path)
-
-
 def _merge(pretrained, fresh, source):
   """`fresh` with every leaf taken from `pretrained`; see the module doc."""
-  flat = {_path(p): v for p, v in
+  flat = {sharding_lib.path_name(p): v for p, v in
           jax.tree_util.tree_flatten_with_path(pretrained)[0]}
   fresh_paths = set()
   misfits = []
 
   def take(key_path, leaf):
-    name = _path(key_path)
+    name = sharding_lib.path_name(key_path)
     fresh_paths.add(name)
     old = flat.get(name)
     if old is None:

@@ -72,8 +72,8 @@ def _xla_over_analytic(config, num_classes, image_size):
 
   compiled = jax.jit(jax.grad(loss)).lower(params).compile(
       compiler_options=FAST_COMPILE)
-  return flops.xla_flops(compiled) / flops.analytic_train_flops_per_step(
-      config, num_classes, batch_size=2)
+  return flops.xla_cost(compiled)['flops'] / (
+      flops.analytic_train_flops_per_step(config, num_classes, batch_size=2))
 
 
 @pytest.mark.parametrize('form', ['factored', 'folded'])

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import flops
 from benchmarks import hlo_bytes
-from benchmarks import roofline
 
 # Same HLO, quicker XLA:CPU code generation; the cost analysis is the same.
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
@@ -54,7 +54,7 @@ def test_fusion_bytes_add_up_to_xla_bytes_accessed():
   args = (jnp.ones((64, 32)), jnp.ones((32, 16)))
   compiled = jax.jit(f).lower(*args).compile(compiler_options=FAST_COMPILE)
   rows = hlo_bytes.fusion_bytes(compiled.as_text())
-  total = roofline.cost(compiled)['bytes']
+  total = flops.xla_cost(compiled)['bytes']
   assert sum(r['bytes'] for r in rows) == pytest.approx(total, rel=0.02)
   categories = hlo_bytes.bytes_by_category(rows)
   assert sum(categories.values()) == sum(r['bytes'] for r in rows)

@@ -26,15 +26,27 @@ def _smooth_image(height, width, seed=0):
 
 
 def test_inception_boxes_fit_and_follow_the_ranges():
+  areas, aspects = [], []
   for seed in range(300):
     rng = np.random.default_rng(seed)
     width, height = rng.integers(40, 600, 2)
     left, top, w, h = host_transforms.inception_box(width, height, rng)
     assert 0 <= left and left + w <= width and 0 <= top and top + h <= height
-    area, aspect = w * h / (width * height), w / h
+    areas.append(w * h / (width * height))
+    aspects.append(w / h)
     # Rounding to whole pixels moves both a little off the sampled values.
-    assert 0.08 * 0.9 <= area <= 1.0, (area, width, height)
-    assert 3 / 4 * 0.9 <= aspect <= 4 / 3 * 1.1, (aspect, width, height)
+    assert 0.08 * 0.9 <= areas[-1] <= 1.0, (areas[-1], width, height)
+    assert 3 / 4 * 0.9 <= aspects[-1] <= 4 / 3 * 1.1, (aspects[-1], width,
+                                                        height)
+  # And on square images, where every sampled box fits (no fallback to the
+  # centre), they span the ranges: area 8%..100%, aspect 3/4..4/3.
+  boxes = [host_transforms.inception_box(400, 400, np.random.default_rng(s))
+           for s in range(300)]
+  areas = [w * h / 400**2 for _, _, w, h in boxes]
+  aspects = [w / h for _, _, w, h in boxes]
+  assert min(areas) < 0.12 and max(areas) > 0.9, (min(areas), max(areas))
+  assert min(aspects) < 0.8 and max(aspects) > 1.25, (min(aspects),
+                                                      max(aspects))
 
 
 def test_inception_box_falls_back_to_the_centre():

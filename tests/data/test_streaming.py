@@ -15,6 +15,7 @@ import pytest
 from configs import fake_data
 from perceiver_jax import config_lib
 from perceiver_jax import errors
+from perceiver_jax.data import host_transforms
 from perceiver_jax.data import input_pipeline
 from tests.data import tfds_fixtures
 
@@ -90,6 +91,24 @@ def test_workers_change_nothing_and_close_stops_them(tiny_jpegs):
   # Random crops: epochs differ, and each view is its record's.
   assert not np.array_equal(inline.train_batch(0, 0)['image'],
                             inline.train_batch(1, 0)['image'])
+
+
+def test_each_training_view_is_drawn_for_its_epoch_and_record(
+    tiny_jpegs, monkeypatch):
+  pipeline = _jpegs(tiny_jpegs)
+  drawn, train = [], host_transforms.HostTransform.train
+
+  def recording(self, data, seed, epoch, record):
+    drawn.append((seed, epoch, record))
+    return train(self, data, seed, epoch, record)
+
+  monkeypatch.setattr(host_transforms.HostTransform, 'train', recording)
+  sampler = pipeline.sampler
+  pipeline.train_batch(1, 2)
+  assert drawn == [(sampler.seed, 1, start + int(row))
+                   for rows, (start, _) in zip(sampler.train_rows(1, 2),
+                                               sampler.local_ranges('train'))
+                   for row in rows]
 
 
 def test_statistics_of_a_sample_of_the_training_split(tiny_jpegs):
