@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from perceiver_jax import errors
+from perceiver_jax.data import host_transforms
 
 ARRAY_RECORD = 'array_record'
 TFRECORD = 'tfrecord'
@@ -29,8 +30,10 @@ TFRECORD = 'tfrecord'
 class DatasetInfo:
   """What the model and the logs need to know about the dataset.
 
-  `height` and `width` are the stored images' size, or `image_size` for
-  datasets whose images vary in size (`variable_size`).
+  `height` and `width` are the size of the images the host serves
+  (`host_transforms.served_size`): the stored size, or `image_size` for
+  Inception crops and for datasets whose images vary in size
+  (`variable_size`).
   """
   name: str
   height: int
@@ -80,8 +83,9 @@ def dataset_info(data_builder, config):
         'an image classification dataset such as cifar100 or mnist.')
   height, width, channels = image.shape
   variable = height is None or width is None
-  if variable:  # Resized (or cropped) to the model's input size.
-    height = width = config.image_size
+  height, width = host_transforms.served_size(
+      config.get('host_crop', host_transforms.OPTION_DEFAULTS['host_crop']),
+      height, width, config.image_size)
   return DatasetInfo(
       name=data_builder.name, height=height, width=width, channels=channels,
       num_classes=label.num_classes, class_names=tuple(label.names),

@@ -13,7 +13,9 @@ training takes a random crop covering 8% to 100% of the image with aspect
 ratio 3/4 to 4/3, resized to `size` x `size`, flipped left-right with
 probability 1/2; evaluation resizes the shorter side to
 `size / eval_crop_fraction` (256 for 224 at 0.875) and takes the centre
-`size` x `size`. JPEGs are decoded at the smallest DCT scale that still
+`size` x `size`. Here `size` is the model's `image_size`, whatever size the
+dataset stores (`served_size`), so a fixed-size dataset's crops fit the
+batch and are not upsampled again on the device. JPEGs are decoded at the smallest DCT scale that still
 covers the crop (`Image.draft`), which is what makes the decode cheap.
 
 Every random choice is drawn from `numpy.random.default_rng` seeded by
@@ -42,6 +44,17 @@ AREA_RANGE = (0.08, 1.0)
 ASPECT_RANGE = (3 / 4, 4 / 3)
 _ATTEMPTS = 10  # Random boxes tried before the central fallback.
 _RNG_STREAM = 1  # Keeps these draws apart from the sampler's permutations.
+
+
+def served_size(crop, height, width, image_size):
+  """`(height, width)` of the images the host serves for `crop`.
+
+  Inception crops, and images stored at varying sizes (`height` or `width`
+  None), come out `image_size` square; other images keep their stored size.
+  """
+  if crop == 'inception' or height is None or width is None:
+    return image_size, image_size
+  return height, width
 
 
 def moment_sums(images, channels):
@@ -106,7 +119,7 @@ class HostTransform:
 
   Attributes:
     crop: one of CROPS.
-    height, width: the output size ('inception': both `size`).
+    height, width: the output size (`served_size`; 'inception': square).
     channels: 1 (grayscale) or 3 (RGB).
     eval_crop_fraction: 'inception' evaluation: the centre crop's share of
       the resized shorter side.
@@ -116,6 +129,19 @@ class HostTransform:
   width: int
   channels: int
   eval_crop_fraction: float = 0.875
+
+  def __post_init__(self):
+    if self.crop == 'inception' and self.height != self.width:
+      raise ValueError(f'Inception crops are square; got {self.height} x '
+                       f'{self.width} (see served_size).')
+
+  @classmethod
+  def from_config(cls, config, info):
+    """The transform of a run's data; `info` a `datasets.DatasetInfo`."""
+    return cls(config.get('host_crop', OPTION_DEFAULTS['host_crop']),
+               info.height, info.width, info.channels,
+               config.get('eval_crop_fraction',
+                          OPTION_DEFAULTS['eval_crop_fraction']))
 
   def _open(self, data):
     image = Image.open(io.BytesIO(data))
@@ -132,7 +158,12 @@ class HostTransform:
 
   def eval(self, data):
     """The evaluation view of one stored image."""
-    image, mode = self._open(data)
+    return self.eval_view(*self._open(data))
+
+  def eval_view(self, image, mode=None):
+    """The evaluation view of a PIL `image` (any size; `mode`: its target
+    mode, 'L' or 'RGB', when it is still to be converted)."""
+    mode = mode or image.mode
     width, height = image.size
     if self.crop == 'inception':
       side = self.eval_crop_fraction * min(width, height)

@@ -79,9 +79,7 @@ class Pipeline:
         raise RuntimeError('Processes disagree on the split sizes; do they '
                            'read the same prepared dataset?')
     self.host_crop = _option(config, host_transforms, 'host_crop')
-    transform = host_transforms.HostTransform(
-        self.host_crop, self.info.height, self.info.width, self.info.channels,
-        _option(config, host_transforms, 'eval_crop_fraction'))
+    transform = host_transforms.HostTransform.from_config(config, self.info)
     local = sum(b - a for split in splits_lib.SPLITS
                 for a, b in self.sampler.local_ranges(split))
     self.storage = storage_lib.choose(config, self.info, local,

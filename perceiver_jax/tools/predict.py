@@ -3,11 +3,15 @@
 Each file (any format Pillow decodes: PNG, JPEG, ...; any size, mode and
 channel count) is brought to what the dataset's own images look like: EXIF
 orientation applied, transparency composited onto white, converted to the
-dataset's channels (grayscale 'L' or 'RGB'), and resized to the dataset's
-native size (CIFAR: 32 x 32) with Pillow's antialiased bilinear filter, whole
-image, aspect ratio not kept. From there it is exactly the evaluation path
-of training: `augment.preprocess_eval` with the workdir's normalisation
-statistics, then the model without dropout.
+dataset's channels (grayscale 'L' or 'RGB'). Then it gets the evaluation
+view the host gives the dataset's images (`host_transforms.HostTransform`):
+resized whole to the dataset's native size (CIFAR: 32 x 32) with Pillow's
+antialiased bilinear filter, aspect ratio not kept, or with
+`host_crop='inception'` the shorter side resized to
+`image_size / eval_crop_fraction` and the centre `image_size` square. From
+there it is exactly the evaluation path of training:
+`augment.preprocess_eval` with the workdir's normalisation statistics, then
+the model without dropout.
 """
 
 import dataclasses
@@ -21,6 +25,7 @@ from PIL import UnidentifiedImageError
 
 from perceiver_jax import errors
 from perceiver_jax.data import datasets
+from perceiver_jax.data import host_transforms
 from perceiver_jax.tools import trained as trained_lib
 
 TOP_K = 5
@@ -32,8 +37,12 @@ _BATCH = 64  # Images per forward pass.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
-def load_image(path, height, width, channels):
-  """Decodes `path` into uint8 `[height, width, channels]` (see module doc).
+def load_image(path, transform):
+  """Decodes `path` into `transform`'s uint8 evaluation view (module doc).
+
+  Args:
+    path: an image file.
+    transform: the run's `host_transforms.HostTransform`.
 
   Raises:
     errors.InputError: one sentence naming the file and why it cannot be
@@ -66,6 +75,7 @@ def load_image(path, height, width, channels):
   if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
     background = Image.new('RGBA', image.size, (255, 255, 255, 255))
     image = Image.alpha_composite(background, image.convert('RGBA'))
+  channels = transform.channels
   if channels == 1:
     image = image.convert('L')
   elif channels == 3:
@@ -74,10 +84,7 @@ def load_image(path, height, width, channels):
     raise errors.InputError(
         f'Images with {channels} channels are not supported; '
         'the dataset must have 1 (grayscale) or 3 (RGB).')
-  if image.size != (width, height):
-    image = image.resize((width, height), Image.Resampling.BILINEAR)
-  array = np.asarray(image, np.uint8)
-  return array.reshape(height, width, channels)
+  return transform.eval_view(image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +107,11 @@ def softmax(logits):
   return e / e.sum(axis=-1, keepdims=True)
 
 
-def load_images(paths, info):
-  """Every file decoded; each unusable file fails before the model loads."""
-  return np.stack([load_image(p, info.height, info.width, info.channels)
-                   for p in paths])
+def load_images(paths, config, info):
+  """Every file decoded for the run of `config` on the data `info`
+  describes; each unusable file fails before the model loads."""
+  transform = host_transforms.HostTransform.from_config(config, info)
+  return np.stack([load_image(p, transform) for p in paths])
 
 
 def predict(trained, paths, k=TOP_K, images=None):
@@ -112,7 +120,7 @@ def predict(trained, paths, k=TOP_K, images=None):
   `images`: the files already decoded by `load_images`, if they are.
   """
   if images is None:
-    images = load_images(paths, trained.info)
+    images = load_images(paths, trained.config, trained.info)
   probs = np.concatenate([softmax(trained.logits(images[i:i + _BATCH]))
                           for i in range(0, len(images), _BATCH)])
   return [Prediction(str(p), *top_k(q, trained.class_names, k))
@@ -136,7 +144,7 @@ def run(workdir, paths: Sequence[str], *, overrides=None, k=TOP_K):
   trained_lib.check_workdir(workdir)
   config = trained_lib.load_config(workdir, overrides)
   # Decode everything first: a bad file fails in seconds, not after loading.
-  images = load_images(paths, datasets.get_dataset_info(config))
+  images = load_images(paths, config, datasets.get_dataset_info(config))
   trained = trained_lib.load(
       workdir, overrides=overrides, mesh=trained_lib.single_device_mesh())
   predictions = predict(trained, paths, k, images=images)

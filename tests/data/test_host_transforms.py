@@ -7,7 +7,12 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from configs import fake_data
+from perceiver_jax.data import datasets
 from perceiver_jax.data import host_transforms
+from perceiver_jax.data import input_pipeline
+
+# pylint: disable=redefined-outer-name  (pytest fixtures as arguments)
 
 
 def _encode(array, fmt='PNG', quality=95):
@@ -147,3 +152,35 @@ def test_whole_images_are_kept_as_stored(mode, channels):
   # Images of other sizes are resized whole.
   assert host_transforms.HostTransform('none', 16, 24, channels).eval(
       data).shape == (16, 24, channels)
+
+
+@pytest.mark.parametrize('dataset', ['cifar100', 'tiny_rectangles'])
+def test_inception_views_of_fixed_size_data_are_image_size(
+    dataset, fake_cifar100, tiny_rectangles):
+  # CIFAR stores 32 x 32, TinyRectangles 24 x 40; the model takes 48 x 48.
+  data_dir = {'cifar100': fake_cifar100.data_dir,
+              'tiny_rectangles': tiny_rectangles}[dataset]
+  config = fake_data.get_config()
+  config.update(dict(mock_data=False, dataset=dataset, tfds_data_dir=data_dir,
+                     host_crop='inception', device_augment='none',
+                     image_size=48, batch_size=8, data_workers=0))
+  with input_pipeline.Pipeline(config, num_shards=2,
+                               shard_indices=[0, 1]) as pipeline:
+    assert (pipeline.info.height, pipeline.info.width) == (48, 48)
+    assert pipeline.train_batch(0, 0)['image'].shape == (8, 48, 48, 3)
+    test = next(pipeline.eval_batches('test'))['image']
+    assert test.shape == (8, 48, 48, 3)
+    # Statistics over the evaluation views, as the model sees them.
+    stats = pipeline.normalization_stats()
+  assert stats['mean'].shape == (3,) and np.all(stats['variance'] > 0)
+  # The views are drawn from the stored image at its own size: an
+  # evaluation view is the centre of the stored image, resized.
+  source = datasets.data_source(datasets.builder(config), 'test', config)
+  stored = np.asarray(Image.open(io.BytesIO(source[0]['image'])))
+  height, width = stored.shape[:2]
+  side = 0.875 * min(height, width)
+  want = np.asarray(Image.fromarray(stored).resize(
+      (48, 48), Image.Resampling.BILINEAR,
+      box=((width - side) / 2, (height - side) / 2, (width + side) / 2,
+           (height + side) / 2)))
+  np.testing.assert_array_equal(test[0], want)

@@ -172,3 +172,40 @@ def prepare_tiny_jpegs(root):
 @pytest.fixture(scope='session')
 def tiny_jpegs(tmp_path_factory):
   return prepare_tiny_jpegs(tmp_path_factory.mktemp('tiny_jpegs'))
+
+
+class TinyRectangles(tfds.core.GeneratorBasedBuilder):
+  """PNGs of one non-square size (24 x 40), 5 classes: a fixed-size dataset
+  whose stored shape is neither square nor the model's `image_size`."""
+  VERSION = tfds.core.Version('1.0.0')
+  HEIGHT, WIDTH = 24, 40
+  NUM_TRAIN = 20
+  NUM_TEST = 8
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(
+                shape=(self.HEIGHT, self.WIDTH, 3), encoding_format='png'),
+            'label': tfds.features.ClassLabel(num_classes=5)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples(self.NUM_TRAIN, 0),
+            'test': self._generate_examples(self.NUM_TEST, 1)}
+
+  def _generate_examples(self, num, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(num):
+      image = rng.integers(0, 256, (self.HEIGHT, self.WIDTH, 3), np.uint8)
+      yield f'{seed}_{i}', {'image': image, 'label': i % 5}
+
+
+@pytest.fixture(scope='session')
+def tiny_rectangles(tmp_path_factory):
+  """TinyRectangles prepared as ArrayRecord; returns the data dir."""
+  data_dir = tmp_path_factory.mktemp('tiny_rectangles') / 'tfds'
+  TinyRectangles(data_dir=str(data_dir)).download_and_prepare(
+      file_format='array_record')
+  return str(data_dir)

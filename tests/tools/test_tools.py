@@ -20,6 +20,7 @@ import pytest
 
 from configs import fake_data
 from perceiver_jax import errors
+from perceiver_jax.data import host_transforms
 from perceiver_jax.tools import attention_maps
 from perceiver_jax.tools import evaluate
 from perceiver_jax.tools import predict
@@ -143,15 +144,33 @@ def _write_images(directory):
   return paths
 
 
+def _whole(height, width, channels):
+  return host_transforms.HostTransform('none', height, width, channels)
+
+
 def test_load_image_converts_to_the_datasets_images(tmp_path):
   paths = _write_images(tmp_path)
   for path in paths:
-    image = predict.load_image(path, 32, 32, 3)
+    image = predict.load_image(path, _whole(32, 32, 3))
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
-    assert predict.load_image(path, 28, 28, 1).shape == (28, 28, 1)
+    assert predict.load_image(path, _whole(28, 28, 1)).shape == (28, 28, 1)
   # A native-size lossless image reaches the model unchanged.
-  np.testing.assert_array_equal(predict.load_image(paths[-1], 32, 32, 3),
-                                np.asarray(Image.open(paths[-1])))
+  np.testing.assert_array_equal(
+      predict.load_image(paths[-1], _whole(32, 32, 3)),
+      np.asarray(Image.open(paths[-1])))
+
+
+def test_load_image_takes_the_evaluation_view_of_the_run(tmp_path):
+  # With Inception crops evaluation takes the centre of the image, resized
+  # to image_size; predict must see the same view of the same file.
+  path = str(tmp_path / 'wide.png')
+  image = np.random.default_rng(0).integers(0, 256, (30, 50, 3), np.uint8)
+  Image.fromarray(image).save(path)
+  crop = host_transforms.HostTransform('inception', 16, 16, 3)
+  with open(path, 'rb') as f:
+    want = crop.eval(f.read())
+  np.testing.assert_array_equal(predict.load_image(path, crop), want)
+  assert not np.array_equal(want, predict.load_image(path, _whole(16, 16, 3)))
 
 
 def test_predict_prints_top5_names_and_probabilities(workdir, tmp_path,
@@ -183,7 +202,7 @@ def test_predict_prints_top5_names_and_probabilities(workdir, tmp_path,
 
 def test_predict_probabilities_are_the_models(trained, tmp_path):
   paths = _write_images(tmp_path)
-  images = predict.load_images(paths, trained.info)
+  images = predict.load_images(paths, trained.config, trained.info)
   probs = predict.softmax(trained.logits(images))
   for prediction, p in zip(predict.predict(trained, paths, k=100), probs):
     np.testing.assert_allclose(prediction.probabilities, np.sort(p)[::-1],
@@ -234,11 +253,11 @@ def test_decompression_bombs_are_refused_by_name(tmp_path, side):
   with pytest.raises(errors.InputError,
                      match=f'{re.escape(str(path))} declares more than '
                      '89,478,485 pixels'):
-    predict.load_image(str(path), 32, 32, 3)
+    predict.load_image(str(path), _whole(32, 32, 3))
   # A small one without pixel data reaches the decoder, which fails.
   path.write_bytes(_png_header(4, 4))
   with pytest.raises(errors.InputError, match='Cannot read image .*bomb.png'):
-    predict.load_image(str(path), 32, 32, 3)
+    predict.load_image(str(path), _whole(32, 32, 3))
 
 
 def test_cli_errors_are_one_paragraph(workdir, tmp_path):
