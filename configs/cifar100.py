@@ -137,8 +137,9 @@ def get_config():
   config.lr_schedule = 'plateau'
   config.warmup_epochs = 0
   config.min_learning_rate = 0.0
-  # 'step': learning_rate x lr_decay_factor at each of lr_decay_epochs,
-  # after warmup_epochs of linear warm-up (plateau then unused).
+  # 'step': learning_rate x lr_decay_factor at each of lr_decay_epochs
+  # before num_epochs (later ones are logged and never happen), after
+  # warmup_epochs of linear warm-up (plateau then unused).
   config.lr_decay_epochs = ()
   config.lr_decay_factor = 0.1
   config.label_smoothing = 0.0  # Train loss only; eval loss stays plain CE.

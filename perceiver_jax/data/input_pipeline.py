@@ -35,8 +35,9 @@ def _shards(data_builder, config, num_shards):
     n = config.mock_num_examples
     return {s: ('test' if s == 'test' else 'train', [(0, n)] * num_shards)
             for s in splits_lib.SPLITS}
-  test_split = config.get('test_split', splits_lib.OPTION_DEFAULTS[
-      'test_split'])
+  test_split = splits_lib.held_out_split(
+      _option(config, splits_lib, 'test_split'), data_builder.name,
+      data_builder.info.splits.keys())
   splits = datasets.check_splits(data_builder, test_split)
   ranges = splits_lib.split_ranges(
       splits['train'].num_examples, splits[test_split].num_examples,

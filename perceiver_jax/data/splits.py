@@ -4,8 +4,8 @@ With n = the number of examples of tfds 'train' and
 n_train = floor(n * (1 - validation_split)) (Keras' `validation_split` rule):
   train      = tfds 'train' examples [0, n_train)
   validation = tfds 'train' examples [n_train, n)
-  test       = tfds `test_split` ('test'; ImageNet's labelled held-out
-               set is 'validation')
+  test       = tfds `test_split` ('test'; 'auto': the dataset's labelled
+               held-out split, see `held_out_split`)
 in tfds' stored order (fixed when the dataset was prepared). A split of m
 examples is cut into k contiguous shards, shard i holding examples
 [floor(i*m/k), floor((i+1)*m/k)), so shard sizes differ by at most one.
@@ -33,14 +33,18 @@ RULES = {
         requirement='strictly between 0 and 1 (the held-out fraction of '
         'tfds "train")'),
     'mock_data': checks.BOOL,
-    'test_split': checks.Rule(lambda v: isinstance(v, str) and bool(v),
-                              'the name of a tfds split', 'validation'),
+    'test_split': checks.Rule(
+        lambda v: isinstance(v, str) and bool(v),
+        "'auto' (the dataset's labelled held-out split) or the name of a "
+        'tfds split', 'auto'),
     'tfds_manual_dir': checks.Rule(
         lambda v: v is None or (isinstance(v, str) and bool(v)),
         'a directory path or unset (datasets with a manual download, e.g. '
         'imagenet2012)', '/data/imagenet_tars'),
 }
 OPTION_DEFAULTS = {'tfds_manual_dir': None, 'test_split': 'test'}
+# Datasets whose tfds 'test' split has no labels (imagenet2012's are -1).
+UNLABELLED_TEST = ('imagenet2012',)
 
 
 def problems(values, field=str):
@@ -50,6 +54,25 @@ def problems(values, field=str):
     return [f'{field("mock_num_examples")}={count!r} must be a positive '
             f'integer when {field("mock_data")} is True']
   return []
+
+
+def held_out_split(test_split, dataset, available):
+  """The tfds split that `test_split` names for `dataset`.
+
+  'auto' follows the dataset, so a config can move to other data (e.g.
+  fine-tuning an ImageNet model on CIFAR): its 'test' split when that has
+  labels, else 'validation'. Any other value is the split's own name.
+
+  Args:
+    test_split: `config.test_split`.
+    dataset: the tfds builder's name.
+    available: the names of the dataset's prepared splits.
+  """
+  if test_split != 'auto':
+    return test_split
+  if 'test' in available and dataset not in UNLABELLED_TEST:
+    return 'test'
+  return 'validation'
 
 
 def split_ranges(num_train_records, num_test_records, validation_split,

@@ -6,6 +6,8 @@ lacks a field gets its default, so older configs keep working. Importable
 without tensorflow, like steps.py.
 """
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,15 +88,6 @@ def problems(values, field=str):
                f'{field("num_epochs")}={epochs} with lr_schedule='
                f"'{schedule}'; pass e.g. --config.warmup_epochs="
                f'{max(epochs // 10, 0)}')
-  decays = values.get('lr_decay_epochs')
-  if (schedule == 'step' and checks.is_int(epochs) and
-      RULES['lr_decay_epochs'].ok(decays)):
-    late = [e for e in decays if e >= epochs]
-    if late:
-      out.append(f'{field("lr_decay_epochs")}={tuple(decays)!r} decays at '
-                 f'{late}, not before the end of {field("num_epochs")}='
-                 f'{epochs}: those decays would never happen; drop them or '
-                 'train longer')
   low, lr = values.get('min_learning_rate'), values.get('learning_rate')
   if (checks.is_number(low) and checks.is_number(lr) and lr > 0
       and low > lr):
@@ -119,7 +112,9 @@ class LearningRates:
   'warmup_cosine': `optax.warmup_cosine_decay_schedule` of the global step.
   'step': `learning_rate` times `lr_decay_factor` once for each of
   `lr_decay_epochs` reached (the Perceiver paper's ImageNet schedule),
-  after a linear warm-up from 0 over `warmup_epochs` if any. A schedule is
+  after a linear warm-up from 0 over `warmup_epochs` if any. Decays at or
+  after `num_epochs` never happen (a run cut short: fine-tuning, a smoke
+  run, fewer epochs on resume); they are logged, not refused. A schedule is
   tabulated once, so a resumed run gets bit-identical rates and the plateau
   controller is not consulted. Either way the rate reaches the step as a
   float and is injected into the optimiser state (`steps.set_learning_rate`).
@@ -141,8 +136,13 @@ class LearningRates:
       self.table = np.asarray(schedule(np.arange(total)), np.float32)
       return
     steps = np.arange(total)
-    boundaries = np.asarray(option(config, 'lr_decay_epochs'),
-                            np.int64) * steps_per_epoch
+    decay_epochs = option(config, 'lr_decay_epochs')
+    late = [e for e in decay_epochs if e >= config.num_epochs]
+    if late:
+      logging.warning('lr_decay_epochs %s: no decay at %s, at or after the '
+                      'end of num_epochs=%d.', tuple(decay_epochs), late,
+                      config.num_epochs)
+    boundaries = np.asarray(decay_epochs, np.int64) * steps_per_epoch
     decays = np.searchsorted(boundaries, steps, side='right')
     rates = config.learning_rate * np.power(
         float(option(config, 'lr_decay_factor')), decays, dtype=np.float64)

@@ -132,15 +132,18 @@ def test_warmup_must_be_shorter_than_the_run():
       "with lr_schedule='step'; pass e.g. --config.warmup_epochs=5."]
 
 
-def test_step_decays_must_fall_inside_the_run():
+def test_step_decays_past_the_end_are_logged_not_refused(caplog):
+  # A run cut short (fine-tuning, fewer epochs) keeps the decays it reaches.
   config = cifar100.get_config()
-  config.lr_decay_epochs = (10, 50, 60)
-  assert config_lib.config_problems(config) == []  # The plateau ignores it.
-  config.lr_schedule = 'step'
-  assert config_lib.config_problems(config) == [
-      'config.lr_decay_epochs=(10, 50, 60) decays at [50, 60], not before '
-      'the end of config.num_epochs=50: those decays would never happen; '
-      'drop them or train longer.']
+  config.update(dict(lr_schedule='step', learning_rate=4e-3, num_epochs=6,
+                     lr_decay_epochs=(4, 6, 8), lr_decay_factor=0.1))
+  assert config_lib.config_problems(config) == []
+  with caplog.at_level('WARNING'):
+    rates = recipe.LearningRates(config, steps_per_epoch=2)
+  np.testing.assert_allclose([rates.at(s, 123.0) for s in range(12)],
+                             np.repeat([4e-3, 4e-4], [8, 4]), rtol=1e-6)
+  assert ('lr_decay_epochs (4, 6, 8): no decay at [6, 8], at or after the '
+          'end of num_epochs=6.') in caplog.text
 
 
 def test_default_train_step_equals_plain_lamb_and_the_seed_loss():
