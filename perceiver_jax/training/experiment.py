@@ -68,6 +68,9 @@ def _differences(recorded, current, prefix=''):
 _REUSE, _COMPUTE, _REFUSE = 0, 1, 2
 
 
+_ORIGIN = 'statistics_of'  # A source key: the run whose statistics these are.
+
+
 def normalization_stats(workdir, config, pipeline, has_checkpoints):
   """Per-channel mean and variance of the training split, computed once.
 
@@ -76,9 +79,15 @@ def normalization_stats(workdir, config, pipeline, has_checkpoints):
   run that stopped before its first checkpoint, then a new one on another
   dataset or split in the same workdir) are recomputed; with checkpoints
   present they are refused, since the weights were trained on that data.
+  A fine-tuning run takes its source run's statistics instead
+  (`transfer.statistics_origin`), recorded as the source's `statistics_of`;
+  once it has checkpoints it keeps them, whatever `init_from` says now.
   """
   path = workdir / workdir_lib.NORMALIZATION
   source = data_source(config, pipeline)
+  origin = transfer.statistics_origin(config)
+  if origin:
+    source[_ORIGIN] = origin
   saved = workdir_lib.read_json(workdir, workdir_lib.NORMALIZATION)
   differences = []
   if saved is None:
@@ -87,8 +96,10 @@ def normalization_stats(workdir, config, pipeline, has_checkpoints):
     action = _REUSE if has_checkpoints else _COMPUTE
   else:
     differences = _differences(saved['source'], source)
+    other_data = [d for d in differences if not d.startswith(_ORIGIN)]
     action = (_REUSE if not differences else
-              _REFUSE if has_checkpoints else _COMPUTE)
+              _COMPUTE if not has_checkpoints else
+              _REFUSE if other_data else _REUSE)
   # Process 0 decides, so every process takes the same (collective) branch.
   action = int(multihost_utils.broadcast_one_to_all(np.int32(action)))
   if action == _REFUSE:
@@ -104,8 +115,11 @@ def normalization_stats(workdir, config, pipeline, has_checkpoints):
     if differences:
       logging.warning('%s was computed on other data (%s); recomputing it.',
                       path, '; '.join(differences))
-    stats = {k: np.asarray(v, np.float64).tolist()
-             for k, v in pipeline.normalization_stats().items()}
+    if origin:
+      stats = transfer.source_statistics(config, pipeline.info.channels)
+    else:
+      stats = {k: np.asarray(v, np.float64).tolist()
+               for k, v in pipeline.normalization_stats().items()}
     metrics_lib.write_json(path, dict(stats, source=source))
   return workdir_lib.stats_arrays(stats)
 

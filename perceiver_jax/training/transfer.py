@@ -7,7 +7,15 @@ fine-tunes them, e.g. an ImageNet-trained Perceiver on CIFAR-100. The model
 must be the same: every field that shapes or defines the network must match
 (dropout rates, rematerialisation and initialisers may differ). When the
 class count differs, the classifier's last layer keeps its fresh
-initialisation. The optimiser state starts afresh.
+initialisation; any other weight that does not fit (e.g. the patch encoder
+of an RGB run on grayscale data) is refused. The optimiser state starts
+afresh.
+
+The pretrained weights saw their inputs normalised by the source run's
+statistics, so by default (`init_normalization='source'`) the new run keeps
+them, as transfer codebases do; 'recompute' computes the new data's own.
+Either way the new workdir's normalization.json records which, so a resume
+normalises as before.
 """
 
 import logging
@@ -24,10 +32,14 @@ from perceiver_jax.training import checkpointing
 from perceiver_jax.training import sharding as sharding_lib
 from perceiver_jax.training import workdir as workdir_lib
 
-RULES = {'init_from': checks.Rule(
-    lambda v: v is None or (isinstance(v, str) and bool(v)),
-    "a trained run's workdir, or unset", '/path/to/imagenet_run')}
-OPTION_DEFAULTS = {'init_from': None}
+NORMALIZATIONS = ('source', 'recompute')
+RULES = {
+    'init_from': checks.Rule(
+        lambda v: v is None or (isinstance(v, str) and bool(v)),
+        "a trained run's workdir, or unset", '/path/to/imagenet_run'),
+    'init_normalization': checks.one_of(*NORMALIZATIONS),
+}
+OPTION_DEFAULTS = {'init_from': None, 'init_normalization': 'source'}
 # Model fields a fine-tuning run may change: regularisation, memory and
 # initialisation, none of which the pretrained weights depend on.
 FREE_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'logits_dropout',
@@ -47,10 +59,47 @@ def _model_differences(saved, config):
   return lines
 
 
+def statistics_origin(config):
+  """The workdir whose statistics this run keeps, or None (its own data)."""
+  if config.get('init_from') and config.get(
+      'init_normalization', OPTION_DEFAULTS['init_normalization']) == 'source':
+    return config.init_from
+  return None
+
+
+def source_statistics(config, channels):
+  """`{'mean', 'variance'}` lists of `config.init_from`'s normalization.json.
+
+  Raises:
+    errors.InputError: the file is missing, or of another channel count.
+  """
+  source = config.init_from
+  stats = workdir_lib.read_json(source, workdir_lib.NORMALIZATION)
+  if stats is None:
+    raise errors.InputError(
+        f'config.init_from={source!r} has no {workdir_lib.NORMALIZATION}, so '
+        'its inputs\' normalisation is unknown; pass the workdir of a '
+        'training run, or --config.init_normalization=recompute to compute '
+        "this data's own statistics.")
+  if len(stats['mean']) != channels:
+    raise errors.InputError(
+        f'config.init_from={source!r} was trained on images of '
+        f'{len(stats["mean"])} channels and this data has {channels}; its '
+        'weights cannot take them. Fine-tune on data of its channel count.')
+  return {k: list(stats[k]) for k in ('mean', 'variance')}
+
+
+def _output_layer(names):
+  """'classifier/dense_<k>/', the classifier's last layer (the logits)."""
+  layers = {n.split('/')[1] for n in names if n.startswith('classifier/')}
+  return f'classifier/{max(layers, key=lambda l: int(l.split("_")[-1]))}/'
+
+
 def _merge(pretrained, fresh, source):
   """`fresh` with every leaf taken from `pretrained`; see the module doc."""
   flat = {sharding_lib.path_name(p): v for p, v in
           jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+  output = _output_layer(flat)
   fresh_paths = set()
   misfits = []
 
@@ -63,7 +112,7 @@ def _merge(pretrained, fresh, source):
       return leaf
     if old.shape == leaf.shape:
       return np.asarray(old, leaf.dtype)
-    if name.startswith('classifier/') and old.shape[:-1] == leaf.shape[:-1]:
+    if name.startswith(output) and old.shape[:-1] == leaf.shape[:-1]:
       return leaf  # Another class count: the last layer starts afresh.
     misfits.append(f'{name} has shape {old.shape} there, {leaf.shape} here')
     return leaf
@@ -75,7 +124,9 @@ def _merge(pretrained, fresh, source):
     raise errors.InputError(
         f'The weights in config.init_from={source!r} do not fit this model: '
         + '; '.join(misfits[:5]) + ('; ...' if len(misfits) > 5 else '') +
-        '. Use the pretrained run\'s model fields.')
+        f'. Only {output[:-1]} (the logits) may differ, for another class '
+        'count; use the pretrained run\'s model fields and images of its '
+        'channel count.')
   return merged
 
 

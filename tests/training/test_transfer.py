@@ -1,6 +1,7 @@
 """Transfer (`config.init_from`): a run starts from another run's weights."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -18,28 +19,42 @@ from perceiver_jax.training import transfer
 # pylint: disable=redefined-outer-name  (pytest fixtures as arguments)
 
 
-def _state(config, num_classes):
+def _state(config, num_classes, channels=3):
   mesh = sharding.create_mesh(jax.devices()[:1])
   model = perceiver.create_model(config, num_classes)
-  return steps.create_train_state(config, model, (16, 16, 3), mesh)[0]
+  return steps.create_train_state(config, model, (16, 16, channels), mesh)[0]
 
 
-def _pretrained_workdir(path, config, num_classes=100):
-  """A finished run's workdir: config.json and a best checkpoint whose
-  weights differ from any fresh initialisation (+1 everywhere)."""
+SOURCE_STATS = {'mean': [10.0, 20.0, 30.0], 'variance': [4.0, 9.0, 16.0]}
+
+
+def pretrained_workdir(path, config, num_classes=100):
+  """A finished run's workdir: config.json, normalization.json and two
+  checkpoints whose weights differ from any fresh initialisation: the
+  early-stopping best (step 4, +1 everywhere) and the last (step 8, +3).
+
+  Returns the weights training tested: `{'best': ..., 'last': ...}` (the
+  EMA weights, +1 more, when the config keeps them).
+  """
   state = _state(config, num_classes)
-  shifted = jax.tree.map(lambda x: x + 1.0, state.params)
-  ema = None if state.ema_params is None else jax.tree.map(
-      lambda x: x + 2.0, state.params)
-  state = state.replace(params=shifted, ema_params=ema)
   path.mkdir()
   (path / 'config.json').write_text(json.dumps(config.to_dict()))
+  (path / 'normalization.json').write_text(json.dumps(
+      dict(SOURCE_STATS, source={'dataset': 'source_data'})))
   manager = checkpointing.create_manager(path / 'checkpoints', max_to_keep=3)
-  checkpointing.save(manager, 4, state, {'epoch': 1, 'best_step': 4},
-                     is_best=True)
+  tested = {}
+  for step, shift, which in ((4, 1.0, 'best'), (8, 3.0, 'last')):
+    params = jax.tree.map(lambda x, d=shift: x + d, state.params)
+    ema = None if state.ema_params is None else jax.tree.map(
+        lambda x, d=shift: x + d + 1.0, state.params)
+    checkpointing.save(manager, step, state.replace(params=params,
+                                                    ema_params=ema),
+                       {'epoch': step // 4, 'best_step': 4},
+                       is_best=which == 'best')
+    tested[which] = jax.device_get(ema if ema is not None else params)
   manager.wait_until_finished()
   manager.close()
-  return jax.device_get(ema if ema is not None else shifted)
+  return tested
 
 
 def _flat(tree):
@@ -48,9 +63,17 @@ def _flat(tree):
 
 
 @pytest.fixture(scope='module')
-def source(tmp_path_factory):
+def runs(tmp_path_factory):
+  """A source run's path and its best and last weights."""
   path = tmp_path_factory.mktemp('pretrained') / 'run'
-  return path, _pretrained_workdir(path, fake_data.get_config())
+  return path, pretrained_workdir(path, fake_data.get_config())
+
+
+@pytest.fixture(scope='module')
+def source(runs):
+  """A run that restored its best weights: transfer takes those."""
+  path, tested = runs
+  return path, tested['best']
 
 
 def _target(source_path, **overrides):
@@ -86,7 +109,7 @@ def test_another_class_count_starts_the_last_layer_afresh(source):
 def test_the_ema_weights_are_taken_when_the_run_kept_them(tmp_path):
   config = fake_data.get_config()
   config.ema_decay = 0.5
-  ema = _pretrained_workdir(tmp_path / 'ema_run', config)
+  ema = pretrained_workdir(tmp_path / 'ema_run', config)['best']
   target = _target(tmp_path / 'ema_run')
   got = transfer.pretrained_params(target, _state(target, 100).params)
   for name, value in _flat(ema).items():
@@ -105,14 +128,65 @@ def test_another_model_or_no_run_is_refused(source, tmp_path):
     transfer.pretrained_params(config, {})
 
 
-def test_a_new_run_starts_from_them(source, tmp_path):
+def test_a_run_that_tested_its_last_weights_gives_those(runs, tmp_path):
+  path, tested = runs
+  final = tmp_path / 'final'
+  shutil.copytree(path, final)
+  config = json.loads((final / 'config.json').read_text())
+  config['early_stopping']['restore_best_weights'] = False
+  (final / 'config.json').write_text(json.dumps(config))
+  target = _target(final)
+  got = _flat(transfer.pretrained_params(target, _state(target, 100).params))
+  for name, value in _flat(tested['last']).items():
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_a_misfit_outside_the_last_layer_is_refused_by_name(source):
+  # RGB weights on grayscale data: the patch encoder's input width differs,
+  # and only the classifier's last layer may start afresh.
+  path, _ = source
+  config = _target(path)
+  gray = _state(config, 10, channels=1).params
+  with pytest.raises(errors.InputError) as e:
+    transfer.pretrained_params(config, gray)
+  message = str(e.value)
+  assert 'do not fit this model: patch_encoder/' in message
+  assert 'has shape (48, 16) there, (16, 16) here' in message
+  assert 'Only classifier/dense_1 (the logits) may differ' in message
+  assert 'classifier/' not in message.split('. Only')[0]
+
+
+@pytest.mark.parametrize('init_normalization', ['source', 'recompute'])
+def test_a_new_run_starts_from_them(source, tmp_path, init_normalization):
   path, weights = source
-  ex = experiment.Experiment(_target(path), str(tmp_path / 'finetune'))
+  workdir = tmp_path / 'finetune'
+  config = _target(path, init_normalization=init_normalization)
+  ex = experiment.Experiment(config, str(workdir))
   try:
     state, meta = ex.restore_or_init()
+    own = ex.pipeline.normalization_stats()
   finally:
     ex.close()
   assert meta['epoch'] == 0 and int(state.step) == 0
   for name, value in _flat(weights).items():
     np.testing.assert_array_equal(_flat(jax.device_get(state.params))[name],
                                   value, err_msg=name)
+  saved = json.loads((workdir / 'normalization.json').read_text())
+  if init_normalization == 'source':
+    # The inputs are scaled as the pretrained weights saw them.
+    want = SOURCE_STATS
+    assert saved['source']['statistics_of'] == str(path)
+  else:
+    want = {k: v.tolist() for k, v in own.items()}
+    assert 'statistics_of' not in saved['source']
+  for key in ('mean', 'variance'):
+    np.testing.assert_allclose(ex.stats[key], want[key], rtol=1e-6)
+    np.testing.assert_allclose(saved[key], want[key], rtol=1e-6)
+  assert saved['source']['dataset'] == 'cifar100'  # This run's data.
+
+
+def test_source_statistics_of_another_channel_count_are_refused(source):
+  path, _ = source
+  with pytest.raises(errors.InputError, match=(
+      r'trained on images of 3 channels and this data has 1')):
+    transfer.source_statistics(_target(path), channels=1)
