@@ -54,6 +54,23 @@ def test_inception_boxes_fit_and_follow_the_ranges():
                                                       max(aspects))
 
 
+def test_inception_boxes_are_placed_uniformly():
+  # Each box's offset is uniform over the room the image leaves it, along
+  # both axes: not pinned to a corner or the centre.
+  placements = []
+  for seed in range(400):
+    left, top, w, h = host_transforms.inception_box(
+        400, 300, np.random.default_rng(seed))
+    if w < 380 and h < 280:  # Room to move along both axes.
+      placements.append((left / (400 - w), top / (300 - h)))
+  placements = np.asarray(placements)
+  assert len(placements) > 300
+  for axis in placements.T:  # Uniform on [0, 1]: mean 1/2, var 1/12.
+    assert abs(axis.mean() - 0.5) < 0.05, axis.mean()
+    assert abs(axis.var() - 1 / 12) < 0.02, axis.var()
+    assert axis.min() < 0.02 and axis.max() > 0.98
+
+
 def test_inception_box_falls_back_to_the_centre():
   # 1000 x 10: no box of aspect 3/4..4/3 and area >= 8% fits; the largest
   # central box of aspect 4/3 is taken.
