@@ -15,8 +15,9 @@ probability 1/2; evaluation resizes the shorter side to
 `size / eval_crop_fraction` (256 for 224 at 0.875) and takes the centre
 `size` x `size`. Here `size` is the model's `image_size`, whatever size the
 dataset stores (`served_size`), so a fixed-size dataset's crops fit the
-batch and are not upsampled again on the device. JPEGs are decoded at the smallest DCT scale that still
-covers the crop (`Image.draft`), which is what makes the decode cheap.
+batch and are not upsampled again on the device. JPEGs are decoded at the
+smallest DCT scale that still covers the crop (`Image.draft`), which is
+what makes the decode cheap.
 
 Every random choice is drawn from `numpy.random.default_rng` seeded by
 (seed, epoch, record), so a batch is a pure function of the run's seed,

@@ -9,11 +9,14 @@ two items are all a resumed run needs to continue exactly.
 Orbax writes each step into a temporary directory and renames it when
 complete, so a crash mid-write never leaves a checkpoint that looks valid.
 A finished checkpoint whose files were damaged later is set aside once an
-older one restores (`restore_latest`), so it never blocks the run.
+older one restores (`restore_latest`), so it never blocks the run; one that
+could not be read for another reason (storage unreachable, out of memory)
+is never set aside.
 """
 
 import json
 import logging
+import time
 
 from etils import epath
 import jax
@@ -24,6 +27,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from perceiver_jax import checks
 from perceiver_jax import errors
+from perceiver_jax.training import read_failures as failures
 
 BEST_MARKER = 'best_step'
 # The checkpoint options, as the config takes them.
@@ -84,14 +88,74 @@ class NoUsableCheckpointError(errors.InputError):
   """Checkpoints exist but none restores: refuse to silently start over."""
 
 
+class CheckpointUnavailableError(RuntimeError):
+  """A checkpoint could not be read for a reason other than damage to its
+  files (storage unreachable, host out of memory, other code): nothing is
+  set aside."""
+
+
 UNREADABLE_SUFFIX = '.unreadable'  # Not a step name: orbax ignores it.
+# Restore attempts on a transient failure, and the first wait (it doubles).
+RESTORE_ATTEMPTS = 4
+RESTORE_BACKOFF_S = 2.0
+
+# Outcomes of a restore, least to most severe, as the processes share them.
+_OUTCOMES = (None, failures.DAMAGED, failures.OTHER, failures.TRANSIENT)
 
 
-def _all_agree(ok):
-  """True on every process iff `ok` is True on every process."""
-  if jax.process_count() == 1:
-    return bool(ok)
-  return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+def read(directory, step, abstract_state):
+  """`restore` by this process alone: without orbax's closing barrier, so a
+  process whose read fails never leaves the others waiting in it."""
+  here = jax.process_index()
+  alone = ocp.options.MultiprocessingOptions(primary_host=here,
+                                             active_processes={here})
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(),
+                        multiprocessing_options=alone) as checkpointer:
+    restored = checkpointer.restore(
+        epath.Path(directory) / str(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            meta=ocp.args.JsonRestore()))
+  return restored['state'], restored['meta']
+
+
+def _worst(outcome):
+  """The most severe of every process's `outcome`; a collective."""
+  code = np.int32(_OUTCOMES.index(outcome))
+  if jax.process_count() > 1:
+    code = multihost_utils.process_allgather(code).max()
+  return _OUTCOMES[int(code)]
+
+
+def _describe(error):
+  if error is None:
+    return "failed on another process; see its log"
+  return f'{type(error).__name__}: {str(error)[:500]}'
+
+
+def _restore_agreed(directory, step, abstract_state, attempts, backoff_s):
+  """`(restored, outcome, error)` of `step`, as every process agrees.
+
+  Every attempt ends in one collective (`_worst`) that all processes enter,
+  whatever their read did. While any process failed transiently, all wait
+  and those that failed read again, `attempts` times at most. `outcome` is
+  None when every process restored, else the most severe
+  `read_failures.failure_kind`.
+  """
+  restored, error = None, None
+  for attempt in range(attempts):
+    if restored is None:
+      try:
+        restored, error = read(directory, step, abstract_state), None
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+    outcome = _worst(None if error is None else failures.failure_kind(error))
+    if outcome != failures.TRANSIENT or attempt == attempts - 1:
+      return restored, outcome, error
+    wait = backoff_s * 2**attempt
+    logging.warning('Reading checkpoint %s/%d failed (%s); trying again in '
+                    '%.0f s.', directory, step, _describe(error), wait)
+    time.sleep(wait)
+  raise ValueError(f'attempts={attempts} must be positive')
 
 
 def set_aside(manager, step):
@@ -104,53 +168,78 @@ def set_aside(manager, step):
   directory = epath.Path(manager.directory)
   target = directory / f'{step}{UNREADABLE_SUFFIX}'
   k = 0
-  while target.exists():
+  while target.exists():  # Never over an earlier set-aside of this step.
     k += 1
     target = directory / f'{step}{UNREADABLE_SUFFIX}-{k}'
+  if jax.process_count() > 1:  # Every process has looked before the move.
+    multihost_utils.sync_global_devices(f'perceiver_jax.set_aside.{step}')
   if jax.process_index() == 0:
     (directory / str(step)).rename(target)
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f'perceiver_jax.set_aside.{step}')
+    multihost_utils.sync_global_devices(f'perceiver_jax.set_aside.{step}.done')
   manager.reload()
   return target
 
 
-def restore_latest(manager, abstract_state):
+def restore_latest(manager, abstract_state, *, attempts=RESTORE_ATTEMPTS,
+                   backoff_s=RESTORE_BACKOFF_S):
   """The newest checkpoint that restores, or None when there is none.
 
-  A checkpoint that fails to restore on any process (truncated or corrupted
-  files) is reported by name and the next older one is tried. Once an older
-  one restores, the newer unreadable ones are set aside (`set_aside`), so a
-  damaged checkpoint costs only the work since the one before it and the
-  run trains past its step. If none restores, nothing is moved (the cause
-  may be the code, not the files) and the run stops rather than start over.
+  A checkpoint whose files are damaged (`read_failures.failure_kind`) is
+  reported by name and the next older one is tried. Once an older one
+  restores, the newer damaged ones are set aside (`set_aside`), so damage
+  costs only the work since the checkpoint before it and the run trains
+  past its step. Nothing is set aside for a failure that says nothing about
+  the files: a transient one (storage unreachable, out of memory) is retried
+  `attempts` times, waiting `backoff_s` seconds, then twice that, ..., and
+  then stops the run; any other one stops it once an older checkpoint
+  restores (the code may be at fault). If none restores nothing is moved
+  and the run stops rather than start over. Processes decide together: a
+  step counts as restored only when it restored on all of them, and as
+  damaged only when every process that failed found damage.
+
+  Raises:
+    CheckpointUnavailableError: a transient failure outlasted the attempts,
+      or a newer checkpoint failed for a reason other than damage.
+    NoUsableCheckpointError: checkpoints exist and none restores.
   """
   manager.reload()
+  directory = manager.directory
   steps = sorted(manager.all_steps(), reverse=True)
-  unreadable = []
+  failed = []  # (step, outcome, description), newest first.
   for step in steps:
-    try:
-      restored, error = restore(manager, step, abstract_state), None
-    except Exception as e:  # pylint: disable=broad-except
-      restored, error = None, e
-    if not _all_agree(error is None):
-      reason = (f'{type(error).__name__}: {str(error)[:500]}' if error
-                else 'unreadable on another process')
-      logging.warning('Checkpoint %s/%d is unreadable (%s); trying the '
-                      'previous one.', manager.directory, step, reason)
-      unreadable.append(step)
-      continue
-    for bad in unreadable:
-      logging.warning('Moved the unreadable checkpoint %s/%d to %s; '
-                      'resuming from step %d.', manager.directory, bad,
-                      set_aside(manager, bad), step)
-    return restored
-  if steps:
-    raise NoUsableCheckpointError(
-        f'None of the checkpoints {steps} in {manager.directory} could be '
-        'restored into this model (see the warnings above). Use a new '
-        '--workdir, or move the checkpoints away to start over.')
-  return None
+    restored, outcome, error = _restore_agreed(
+        directory, step, abstract_state, attempts, backoff_s)
+    if outcome == failures.TRANSIENT:
+      raise CheckpointUnavailableError(
+          f'Checkpoint {directory}/{step} could not be read in {attempts} '
+          f'attempts ({_describe(error)}). That says nothing about its '
+          'files, so nothing was set aside; rerun once the storage (or the '
+          "host's memory) is available again.") from error
+    if outcome is None:
+      break
+    failed.append((step, outcome, _describe(error)))
+    logging.warning('Checkpoint %s/%d is unreadable (%s: %s); trying the '
+                    'previous one.', directory, step, outcome, failed[-1][2])
+  else:
+    if steps:
+      raise NoUsableCheckpointError(
+          f'None of the checkpoints {steps} in {directory} could be '
+          'restored into this model (see the warnings above). Use a new '
+          '--workdir, or move the checkpoints away to start over.')
+    return None
+  others = [f'step {s}: {d}' for s, o, d in failed
+            if o != failures.DAMAGED]
+  if others:
+    raise CheckpointUnavailableError(
+        f'Checkpoint {directory}/{step} restores, but newer ones do not, '
+        f'and not because their files are damaged ({"; ".join(others)}), '
+        'so nothing was set aside. Were they written by other code?')
+  for bad, _, _ in failed:
+    logging.warning('Moved the damaged checkpoint %s/%d to %s; resuming '
+                    'from step %d.', directory, bad,
+                    set_aside(manager, bad), step)
+  return restored
 
 
 def _newest_meta(manager, steps):

@@ -1,6 +1,16 @@
-"""Orbax checkpoints: the latest few and the best, fallback on damage."""
+"""Orbax checkpoints: the latest few and the best, fallback on damage.
 
+A checkpoint is set aside only when it is damaged: the damage tests below
+damage real checkpoints and check what orbax and tensorstore raise for it;
+transient failures (storage, memory) are injected.
+"""
+
+import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +18,11 @@ import numpy as np
 import pytest
 
 from perceiver_jax.training import checkpointing
+from perceiver_jax.training import read_failures
+from tests.support import ROOT
+from tests.support import subprocess_env
+
+WORKER = os.path.join(ROOT, 'tests', 'training', 'restore_worker.py')
 
 
 def _state(value):
@@ -140,3 +155,252 @@ def test_select_checkpoint_prefers_the_recorded_best(tmp_path, caplog):
       25, 'latest')
   manager.close()
   other.close()
+
+
+# --------------------------------------------------------------------------
+# Damaged, or only unreadable for now: what is set aside.
+
+
+def _saved(tmp_path, steps=(10, 20, 30), size=4):
+  """A manager holding `steps`, each of a `size`-element state."""
+  manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=5)
+  for step in steps:
+    state = {'params': {'w': jnp.asarray(np.random.default_rng(step).normal(
+        size=size), jnp.float32)}, 'step': jnp.asarray(step, jnp.int32)}
+    checkpointing.save(manager, step, state, {'epoch': step // 10})
+  manager.wait_until_finished()
+  return manager, checkpointing.abstract(state)
+
+
+def _files(path, where):
+  return [os.path.join(root, name) for root, _, names in os.walk(path)
+          for name in names if where(os.path.join(root, name))]
+
+
+def _cut(fraction):
+  def damage(path):
+    with open(path, 'r+b') as f:
+      f.truncate(int(os.path.getsize(path) * fraction))
+  return damage
+
+
+def _scramble(path):
+  with open(path, 'r+b') as f:
+    data = bytearray(f.read())
+    data[::7] = bytes(b ^ 0xFF for b in data[::7])
+    f.seek(0)
+    f.write(data)
+
+
+_ARRAY_DATA = lambda p: f'{os.sep}d{os.sep}' in p
+_META = lambda p: f'{os.sep}meta{os.sep}' in p and p.endswith('metadata')
+
+
+# What each damage raises (orbax 0.12.8, tensorstore 0.1.86), as recorded:
+@pytest.mark.parametrize('where, damage, raised', [
+    # ValueError('OUT_OF_RANGE: ... Requested byte range [0, n) is not
+    # valid for value of size m') from tensorstore, or orbax's
+    # Exception('Encountered error while reading array index') caused by it.
+    (_ARRAY_DATA, _cut(0.0), 'OUT_OF_RANGE'),
+    (_ARRAY_DATA, _cut(0.5), 'OUT_OF_RANGE'),
+    # ValueError('DATA_LOSS: ... Error decoding b-tree node').
+    (_ARRAY_DATA, _scramble, 'DATA_LOSS'),
+    # ValueError('NOT_FOUND: ... Error reading byte range of local file').
+    (_ARRAY_DATA, os.remove, 'NOT_FOUND'),
+    # ValueError('DATA_LOSS: ... Error decoding manifest').
+    (lambda p: p.endswith('manifest.ocdbt'), _cut(0.0), 'DATA_LOSS'),
+    # The meta item's JSON: json.JSONDecodeError, UnicodeDecodeError,
+    # FileNotFoundError.
+    (_META, _cut(0.0), 'JSONDecodeError'),
+    (_META, _scramble, 'UnicodeDecodeError'),
+    (_META, os.remove, 'FileNotFoundError'),
+])
+def test_damaged_files_are_recognised_as_damage(tmp_path, where, damage,
+                                                raised):
+  manager, abstract = _saved(tmp_path, steps=(10,), size=100_000)
+  files = _files(tmp_path / 'ckpt' / '10', where)
+  assert files
+  for path in files:
+    damage(path)
+  with pytest.raises(Exception) as e:
+    checkpointing.read(manager.directory, 10, abstract)
+  chain = list(read_failures.chain(e.value))
+  assert any(raised in f'{type(x).__name__} {x}' for x in chain), chain
+  assert read_failures.failure_kind(e.value) == read_failures.DAMAGED
+
+
+@pytest.mark.parametrize('remove, raised', [
+    ('state', KeyError),  # 'Item "state" was not found in the checkpoint'
+    ('meta', KeyError),
+    ('.', FileNotFoundError),  # 'Checkpoint at .../10 not found.'
+])
+def test_missing_directories_are_recognised_as_damage(tmp_path, remove,
+                                                      raised):
+  manager, abstract = _saved(tmp_path, steps=(10,))
+  shutil.rmtree(os.path.normpath(tmp_path / 'ckpt' / '10' / remove))
+  with pytest.raises(raised) as e:
+    checkpointing.read(manager.directory, 10, abstract)
+  assert read_failures.failure_kind(e.value) == read_failures.DAMAGED
+
+
+def _wrapped(error):
+  """`error` as orbax re-raises a failed array read: as the cause of an
+  `Exception('Encountered error while reading array index ...')`."""
+  wrapper = Exception(  # pylint: disable=broad-exception-raised
+      'Encountered error while reading array index: ().')
+  wrapper.__cause__ = error
+  return wrapper
+
+
+@pytest.mark.parametrize('error, kind', [
+    (ConnectionError('Connection reset by peer'), 'transient'),
+    (TimeoutError('timed out'), 'transient'),
+    (OSError(5, 'Input/output error'), 'transient'),
+    (MemoryError(), 'transient'),
+    # tensorstore, GCS unreachable (its own retries spent), as it says it:
+    (ValueError('ABORTED: Error opening "zarr" driver: Error reading '
+                'gs://bucket/.zarray: All 2 retry attempts failed: CURL '
+                'error Could not connect to server'), 'transient'),
+    (ValueError('UNAVAILABLE: Error reading "step/.zarray"'), 'transient'),
+    (_wrapped(ValueError('DEADLINE_EXCEEDED: Error reading "params.w/0"')),
+     'transient'),
+    (_wrapped(ValueError('OUT_OF_RANGE: Requested byte range')), 'damaged'),
+    # A checkpoint of another model: the code, not the files.
+    (ValueError('Requested shape: (7,) is not compatible with the stored '
+                'shape: (4,).'), 'other'),
+    (RuntimeError('something else'), 'other'),
+])
+def test_failure_kinds(error, kind):
+  assert read_failures.failure_kind(error) == kind
+
+
+def _inject(monkeypatch, plan):
+  """Makes `checkpointing.read` raise `plan[step]`'s errors in turn, then
+  read; returns the list of steps read."""
+  real, reads = checkpointing.read, []
+
+  def read(directory, step, abstract_state):
+    reads.append(step)
+    failures = plan.get(step, [])
+    if reads.count(step) <= len(failures):
+      raise failures[reads.count(step) - 1]
+    return real(directory, step, abstract_state)
+
+  monkeypatch.setattr(checkpointing, 'read', read)
+  return reads
+
+
+def test_transient_failures_are_retried_and_nothing_is_set_aside(
+    tmp_path, monkeypatch, caplog):
+  manager, abstract = _saved(tmp_path)
+  reads = _inject(monkeypatch, {30: [TimeoutError('timed out'),
+                                     MemoryError()]})
+  with caplog.at_level('WARNING'):
+    _, meta = checkpointing.restore_latest(manager, abstract, attempts=3,
+                                           backoff_s=0.01)
+  assert meta['epoch'] == 3 and reads == [30, 30, 30]
+  assert caplog.text.count('trying again in') == 2
+  assert sorted(os.listdir(tmp_path / 'ckpt')) == ['10', '20', '30']
+
+
+def test_lasting_transient_failures_stop_without_setting_aside(
+    tmp_path, monkeypatch):
+  manager, abstract = _saved(tmp_path)
+  unavailable = [ValueError('UNAVAILABLE: Error reading "step/.zarray"')
+                 for _ in range(3)]
+  reads = _inject(monkeypatch, {30: unavailable})
+  with pytest.raises(checkpointing.CheckpointUnavailableError,
+                     match=r'ckpt/30 could not be read in 3 attempts '
+                     r'\(ValueError: UNAVAILABLE.*nothing was set aside'):
+    checkpointing.restore_latest(manager, abstract, attempts=3,
+                                 backoff_s=0.01)
+  assert reads == [30, 30, 30]  # The older ones are not tried.
+  assert sorted(os.listdir(tmp_path / 'ckpt')) == ['10', '20', '30']
+
+
+def test_a_newer_checkpoint_failing_otherwise_is_not_set_aside(
+    tmp_path, monkeypatch):
+  manager, abstract = _saved(tmp_path)
+  reads = _inject(monkeypatch, {30: [ValueError('Requested shape: (7,) is '
+                                                'not compatible')]})
+  with pytest.raises(checkpointing.CheckpointUnavailableError,
+                     match=r'ckpt/20 restores, but newer ones do not, and '
+                     r'not because their files are damaged \(step 30: '):
+    checkpointing.restore_latest(manager, abstract, backoff_s=0.01)
+  assert reads == [30, 20]
+  assert sorted(os.listdir(tmp_path / 'ckpt')) == ['10', '20', '30']
+
+
+def test_damage_twice_at_one_step_keeps_both_copies(tmp_path):
+  manager, abstract = _saved(tmp_path, steps=(10, 20))
+  first = checkpointing.set_aside(manager, 20)
+  state = {'params': {'w': jnp.zeros(4)}, 'step': jnp.asarray(20, jnp.int32)}
+  checkpointing.save(manager, 20, state, {'epoch': 'again'})
+  manager.wait_until_finished()
+  second = checkpointing.set_aside(manager, 20)
+  assert (first.name, second.name) == ('20.unreadable', '20.unreadable-1')
+  assert sorted(os.listdir(tmp_path / 'ckpt')) == [
+      '10', '20.unreadable', '20.unreadable-1']
+  # Each holds its own checkpoint.
+  for path, epoch in ((first, 2), (second, 'again')):
+    assert json.loads((path / 'meta' / 'metadata').read_text()) == {
+        'epoch': epoch}
+  assert manager.all_steps() == [10]
+  del abstract
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_processes_decide_together_and_never_wait_on_each_other(tmp_path):
+  """Only process 1's reads fail; both take the same decisions, in time."""
+  port, directory = _free_port(), tmp_path / 'ckpt'
+  env = subprocess_env(devices=1)
+  env.pop('XLA_FLAGS')  # The worker sets it.
+  procs = [subprocess.Popen(
+      [sys.executable, WORKER, str(directory), str(tmp_path / f'p{i}.json'),
+       str(i), str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=120) for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    pytest.fail('The processes still ran after 120 s: one waits on the '
+                'other.')
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-6000:]
+  p0, p1 = (json.loads((tmp_path / f'p{i}.json').read_text())
+            for i in range(2))
+  steps = ['10', '20', '30']
+  # Process 1 failed once, transiently: both read 30 (process 1 twice).
+  assert p0['transient_once']['epoch'] == p1['transient_once']['epoch'] == 3
+  half = 2**15  # Each process's shard of step 30's arange(2**16) + 30.
+  assert (p0['transient_once']['w'], p1['transient_once']['w']) == (
+      [30, 30 + half - 1], [30 + half, 30 + 2 * half - 1])
+  assert (p0['transient_once']['reads'], p1['transient_once']['reads']) == (
+      [30], [30, 30])
+  # ...every time: both stop; only process 1 read again.
+  for p in (p0, p1):
+    assert 'could not be read in 3 attempts' in p['transient_always'][
+        'error']
+    assert 'not because their files are damaged' in p['other']['error']
+    for name in ('transient_once', 'transient_always', 'other'):
+      assert p[name]['entries'] == steps, name
+  assert (p0['transient_always']['reads'], p1['transient_always']['reads']) \
+      == ([30], [30, 30, 30])
+  assert p0['other']['reads'] == p1['other']['reads'] == [30, 20]
+  # Damage seen by process 1 only: both restore 20 and 30 is set aside.
+  assert p0['damaged']['epoch'] == p1['damaged']['epoch'] == 2
+  assert p0['damaged']['entries'] == p1['damaged']['entries'] == [
+      '10', '20', '30.unreadable']
+  # Real damage to process 1's shard: only its read raises, inside orbax;
+  # both agree, restore 10 and set 20 aside.
+  assert (p0['damaged_here']['raised'], p1['damaged_here']['raised']) == (
+      [], [20])
+  assert p0['damaged_here']['epoch'] == p1['damaged_here']['epoch'] == 1
+  assert p0['damaged_here']['entries'] == ['10', '20.unreadable',
+                                           '30.unreadable']
