@@ -152,6 +152,9 @@ class Experiment:
     self.workdir = workdir_lib.prepare(workdir)
     self.saved_config = workdir_lib.read_json(self.workdir, workdir_lib.CONFIG)
     resume.check_compatible(self.workdir, config, self.saved_config)
+    if config.get('init_from') and not workdir_lib.has_checkpoints(
+        self.workdir):
+      transfer.check_source(config)  # Before any data or compile.
     datasets.get_dataset_info(config)  # Validates name and features.
     self.mesh = sharding_lib.create_mesh()
     sharding_lib.check_batch_size(config.batch_size, self.mesh)

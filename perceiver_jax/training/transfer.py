@@ -130,16 +130,9 @@ def _merge(pretrained, fresh, source):
   return merged
 
 
-def pretrained_params(config, fresh_params):
-  """`fresh_params` overwritten by the weights of `config.init_from`.
-
-  Args:
-    config: this run's config.
-    fresh_params: this model's freshly initialised parameters (host or
-      device arrays); their structure and dtypes are kept.
-
-  Returns:
-    numpy parameters.
+def check_source(config):
+  """The saved config of `config.init_from`, once it proves a trained run
+  of this model (cheap: before any data is read or anything compiled).
 
   Raises:
     errors.InputError: the workdir holds no trained run, or another model.
@@ -159,6 +152,27 @@ def pretrained_params(config, fresh_params):
         'cannot start this one. Differing fields (there -> here): '
         + '; '.join(differences) + '. Set them as the pretrained run has '
         f'them (see {path / workdir_lib.CONFIG}).')
+  return saved
+
+
+def pretrained_params(config, fresh_params):
+  """`fresh_params` overwritten by the weights of `config.init_from`.
+
+  Args:
+    config: this run's config.
+    fresh_params: this model's freshly initialised parameters (host or
+      device arrays); their structure and dtypes are kept.
+
+  Returns:
+    numpy parameters.
+
+  Raises:
+    errors.InputError: the workdir holds no trained run, or another model,
+      or its weights do not fit this model.
+  """
+  saved = check_source(config)
+  source = config.init_from
+  path = epath.Path(source)
   manager = checkpointing.create_manager(
       (path / workdir_lib.CHECKPOINTS).resolve(), read_only=True)
   try:

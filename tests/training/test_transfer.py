@@ -128,6 +128,15 @@ def test_another_model_or_no_run_is_refused(source, tmp_path):
     transfer.pretrained_params(config, {})
 
 
+def test_another_model_is_refused_before_any_data_is_read(
+    source, tmp_path, monkeypatch):
+  path, _ = source
+  monkeypatch.setattr(experiment.datasets, 'prepare',
+                      lambda config: pytest.fail('the data came first'))
+  with pytest.raises(errors.InputError, match='holds another model'):
+    experiment.Experiment(_target(path, latent_dim=4), str(tmp_path / 'w'))
+
+
 def test_a_run_that_tested_its_last_weights_gives_those(runs, tmp_path):
   path, tested = runs
   final = tmp_path / 'final'
