@@ -9,8 +9,8 @@ storages (`storage.py`): decoded in host memory, or streamed from ArrayRecord
 files by worker processes. Raw uint8 images and int32 labels leave here;
 normalisation and augmentation run on the device (`augment.py`).
 
-With `config.mock_data`, tfds' mock ignores split slicing: every shard of
-every split holds the same `config.mock_num_examples` random examples.
+With `config.mock_data`, tfds' mock ignores split slicing: every split
+holds the same `config.mock_num_examples` random examples.
 Good for smoke runs only.
 """
 
@@ -29,22 +29,19 @@ from perceiver_jax.data import storage as storage_lib
 from perceiver_jax.data import streaming
 
 
-def _shards(data_builder, config, num_shards):
-  """`{split: (tfds split, [(start, stop)] per shard)}` (see splits.py)."""
+def _splits(data_builder, config):
+  """`{split: (tfds split, start, stop)}` (see splits.py)."""
   if config.mock_data:
     n = config.mock_num_examples
-    return {s: ('test' if s == 'test' else 'train', [(0, n)] * num_shards)
+    return {s: ('test' if s == 'test' else 'train', 0, n)
             for s in splits_lib.SPLITS}
   test_split = splits_lib.held_out_split(
       _option(config, splits_lib, 'test_split'), data_builder.name,
       data_builder.info.splits.keys())
   splits = datasets.check_splits(data_builder, test_split)
-  ranges = splits_lib.split_ranges(
+  return splits_lib.split_ranges(
       splits['train'].num_examples, splits[test_split].num_examples,
       config.validation_split, data_builder.name, test_split)
-  return {split: (tfds_split, splits_lib.shard_ranges(start, stop,
-                                                      num_shards))
-          for split, (tfds_split, start, stop) in ranges.items()}
 
 
 def _sum_over_processes(x):
@@ -72,19 +69,17 @@ class Pipeline:
     data_builder = datasets.builder(config)
     self.info = datasets.dataset_info(data_builder, config)
     self.sampler = sampler_lib.Sampler(
-        _shards(data_builder, config, num_shards), shard_indices,
+        _splits(data_builder, config), num_shards, shard_indices,
         config.batch_size, config.seed)
     if jax.process_count() > 1:  # Same dataset everywhere, or fail loudly.
-      sizes = np.stack([self.sampler.sizes[s] for s in splits_lib.SPLITS])
+      sizes = np.array([self.sampler.sizes[s] for s in splits_lib.SPLITS])
       if not (multihost_utils.process_allgather(sizes) == sizes).all():
         raise RuntimeError('Processes disagree on the split sizes; do they '
                            'read the same prepared dataset?')
     self.host_crop = _option(config, host_transforms, 'host_crop')
     transform = host_transforms.HostTransform.from_config(config, self.info)
-    local = sum(b - a for split in splits_lib.SPLITS
-                for a, b in self.sampler.local_ranges(split))
-    self.storage = storage_lib.choose(config, self.info, local,
-                                      self.host_crop)
+    self.storage = storage_lib.choose(
+        config, self.info, sum(self.sampler.sizes.values()), self.host_crop)
     if self.storage == 'memory':
       self._source = memory.MemoryStorage(data_builder, config, self.sampler,
                                           transform)
@@ -133,17 +128,14 @@ class Pipeline:
             for step in range(self.sampler.num_eval_steps(split)))
 
   def _stats_positions(self):
-    """Per local shard, the training positions the statistics use.
+    """This process's share of the training positions the statistics use.
 
-    All of them, or `normalization_examples` evenly spaced over the split.
+    All of them, or `normalization_examples` evenly spaced over the split;
+    each device's share is one contiguous part (`Sampler.local_share`).
     """
-    ranges = self.sampler.local_ranges('train')
     n, k = self.num_train_examples, self._stats_examples
-    if not k or k >= n:
-      return [np.arange(b - a) for a, b in ranges], n
-    train_start = self.sampler.shards['train'][1][0][0]
-    chosen = train_start + (np.arange(k) * n) // k
-    return [chosen[(chosen >= a) & (chosen < b)] - a for a, b in ranges], k
+    chosen = (np.arange(n) if not k or k >= n else (np.arange(k) * n) // k)
+    return np.concatenate(self.sampler.local_share(chosen)), len(chosen)
 
   def normalization_stats(self) -> dict[str, np.ndarray]:
     """Per-channel mean and population variance of the training images.

@@ -1,7 +1,9 @@
-"""In-memory storage: this process's shards decoded into numpy once.
+"""In-memory storage: the three splits decoded into numpy once.
 
-The fastest storage when the data fits in host memory (CIFAR's 150 MB):
-batches are numpy takes from decoded uint8 arrays. Records come from the
+The fastest storage when the data fits in host memory (CIFAR's 184 MB):
+batches are numpy takes from decoded uint8 arrays. Every process holds
+whole splits, since each epoch's order draws its batches from all of the
+training split (`sampler.py`). Records come from the
 ArrayRecord files through the same decode as streaming (`host_transforms`),
 or, for datasets prepared earlier as TFRecord and for tfds' mock data,
 through tf.data.
@@ -58,7 +60,7 @@ def _read_records(source, start, stop, transform):
 
 
 class MemoryStorage:
-  """Decoded arrays of this process's shards of the three splits.
+  """Decoded arrays of the three splits.
 
   Args:
     data_builder: the tfds builder.
@@ -75,51 +77,50 @@ class MemoryStorage:
     info = datasets.dataset_info(data_builder, config)
     records = (not config.mock_data and
                datasets.file_format(data_builder) == datasets.ARRAY_RECORD)
-    self._data = {}  # split -> [(images, labels)] per local shard.
+    self._data = {}  # split -> (images, labels), by position in the split.
     with mock:
       for split in splits_lib.SPLITS:
-        tfds_split = sampler.shards[split][0]
+        tfds_split, start, stop = sampler.splits[split]
         if records:
           source = datasets.data_source(data_builder, tfds_split, config)
-          read = lambda a, b, s=source: _read_records(s, a, b, transform)
+          self._data[split] = _read_records(source, start, stop, transform)
         else:
-          read = lambda a, b, t=tfds_split: _read_tfrecord(
-              data_builder, t, a, b, info)
-        self._data[split] = [read(*r) for r in sampler.local_ranges(split)]
-    for split in splits_lib.SPLITS:
-      got = [len(y) for _, y in self._data[split]]
-      want = [b - a for a, b in sampler.local_ranges(split)]
-      if got != want:
-        raise RuntimeError(f'Read {got} {split} examples for shards '
-                           f'{sampler.shard_indices}, expected {want}.')
+          self._data[split] = _read_tfrecord(data_builder, tfds_split, start,
+                                             stop, info)
+        if len(self._data[split][1]) != stop - start:
+          raise RuntimeError(f'Read {len(self._data[split][1])} {split} '
+                             f'examples, expected {stop - start}.')
+
+  def _rows(self, split, rows):
+    """`(images, labels, mask)` of per-device `rows`, each padded to the
+    per-device batch (mask 0)."""
+    x, y = self._data[split]
+    b = self._sampler.per_shard_batch
+    pad = lambda a, n: np.pad(a, [(0, n)] + [(0, 0)] * (a.ndim - 1))
+    images = [pad(x[r], b - len(r)) for r in rows]
+    labels = [pad(y[r], b - len(r)) for r in rows]
+    masks = [np.arange(b) < len(r) for r in rows]
+    return (np.concatenate(images), np.concatenate(labels),
+            np.concatenate(masks).astype(np.float32))
 
   def train_batch(self, epoch, step):
-    rows = self._sampler.train_rows(epoch, step)
-    images, labels = zip(*[(x[r], y[r]) for r, (x, y) in
-                           zip(rows, self._data['train'])])
-    return {'image': np.concatenate(images), 'label': np.concatenate(labels)}
+    images, labels, _ = self._rows(
+        'train', self._sampler.train_rows(epoch, step))
+    return {'image': images, 'label': labels}
 
   def eval_batch(self, split, step):
-    b = self._sampler.per_shard_batch
-    images, labels, masks = [], [], []
-    for rows, (x, y) in zip(self._sampler.eval_rows(split, step),
-                            self._data[split]):
-      pad = b - len(rows)
-      images.append(np.pad(x[rows], [(0, pad)] + [(0, 0)] * 3))
-      labels.append(np.pad(y[rows], (0, pad)))
-      masks.append(np.arange(b) < len(rows))
-    return {'image': np.concatenate(images), 'label': np.concatenate(labels),
-            'mask': np.concatenate(masks).astype(np.float32)}
+    images, labels, mask = self._rows(
+        split, self._sampler.eval_rows(split, step))
+    return {'image': images, 'label': labels, 'mask': mask}
 
   def stats_sums(self, positions):
     """`host_transforms.moment_sums` over the training images at
-    `positions` (per local shard, within it)."""
-    channels = self._data['train'][0][0].shape[-1]
-    sums = np.zeros((3, channels), np.float64)
-    for p, (x, _) in zip(positions, self._data['train']):
-      for start in range(0, len(p), 4096):  # Bounds the float64 copy.
-        sums += host_transforms.moment_sums(x[p[start:start + 4096]],
-                                            channels)
+    `positions` (within the split)."""
+    x = self._data['train'][0]
+    sums = np.zeros((3, x.shape[-1]), np.float64)
+    for start in range(0, len(positions), 4096):  # Bounds the float64 copy.
+      sums += host_transforms.moment_sums(
+          x[positions[start:start + 4096]], x.shape[-1])
     return sums
 
   def close(self):

@@ -1,4 +1,4 @@
-"""Which examples form each split and each device's shard of it.
+"""Which examples form each split.
 
 With n = the number of examples of tfds 'train' and
 n_train = floor(n * (1 - validation_split)) (Keras' `validation_split` rule):
@@ -6,9 +6,8 @@ n_train = floor(n * (1 - validation_split)) (Keras' `validation_split` rule):
   validation = tfds 'train' examples [n_train, n)
   test       = tfds `test_split` ('test'; 'auto': the dataset's labelled
                held-out split, see `held_out_split`)
-in tfds' stored order (fixed when the dataset was prepared). A split of m
-examples is cut into k contiguous shards, shard i holding examples
-[floor(i*m/k), floor((i+1)*m/k)), so shard sizes differ by at most one.
+in tfds' stored order (fixed when the dataset was prepared). Which of a
+split's examples each step reads is `sampler.py`'s business.
 
 Pure Python, so the config checks (`RULES`) import without tensorflow.
 """
@@ -94,9 +93,3 @@ def split_ranges(num_train_records, num_test_records, validation_split,
           f'split of {dataset!r} ({n} train examples) empty.')
   return ranges
 
-
-def shard_ranges(start, stop, num_shards):
-  """`[(start_i, stop_i)]` of `num_shards` contiguous, near-equal shards."""
-  cuts = [start + (stop - start) * i // num_shards
-          for i in range(num_shards + 1)]
-  return list(zip(cuts[:-1], cuts[1:]))

@@ -1,15 +1,17 @@
 """Which storage serves the batches: in host memory, or streamed from disk.
 
 One interface (`input_pipeline.Pipeline`), two storages: `memory.py` decodes
-this process's shards once and keeps them (fastest while they fit: CIFAR's
-150 MB), `streaming.py` reads records from ArrayRecord files in worker
+the dataset once and keeps it (fastest while it fits: CIFAR's 184 MB),
+`streaming.py` reads records from ArrayRecord files in worker
 processes as batches are needed (host memory independent of dataset size:
 ImageNet). Both serve the same examples in the same order (`sampler.py`);
 for fixed-size images they decode them identically too.
 
 `data_storage='auto'` keeps data in memory when its images have one size,
-are used whole (`host_crop='none'`) and this process's decoded shards take
-at most `MEMORY_BUDGET_BYTES`; otherwise it streams. Pure Python.
+are used whole (`host_crop='none'`) and all three splits decoded take at
+most `MEMORY_BUDGET_BYTES` (every process holds them all: an epoch's
+batches draw from the whole training split); otherwise it streams. Pure
+Python.
 """
 
 import os
@@ -48,13 +50,13 @@ def problems(values, field=str):
   return []
 
 
-def choose(config, info, local_examples, host_crop):
+def choose(config, info, num_examples, host_crop):
   """'memory' or 'stream' for `config.data_storage` (see the module doc).
 
   Args:
     config: the run's config.
     info: the `datasets.DatasetInfo`.
-    local_examples: examples of all splits in this process's shards.
+    num_examples: examples of the three splits together.
     host_crop: the `host_transforms` crop in use.
   """
   kind = config.get('data_storage', OPTION_DEFAULTS['data_storage'])
@@ -62,7 +64,7 @@ def choose(config, info, local_examples, host_crop):
     return 'memory'  # tfds' mock serves tf.data only.
   if kind != 'auto':
     return kind
-  size = local_examples * info.height * info.width * info.channels
+  size = num_examples * info.height * info.width * info.channels
   fits = (not info.variable_size and host_crop == 'none'
           and size <= MEMORY_BUDGET_BYTES)
   return 'memory' if fits else 'stream'

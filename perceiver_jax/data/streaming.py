@@ -21,7 +21,7 @@ import functools
 import os
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any
 
 from absl import flags
 import grain
@@ -100,12 +100,11 @@ class _Reader:
     epoch, step = divmod(int(global_step), self.sampler.steps_per_epoch)
     source, seed = self.sources['train'], self.sampler.seed
     images, labels = [], []
-    for rows, (start, _) in zip(self.sampler.train_rows(epoch, step),
-                                self.sampler.local_ranges('train')):
-      for row in rows:
-        record = source[start + int(row)]
+    for rows in self.sampler.train_rows(epoch, step):
+      for index in self.sampler.tfds_indices('train', rows):
+        record = source[int(index)]
         images.append(self.transform.train(record['image'], seed, epoch,
-                                           start + int(row)))
+                                           int(index)))
         labels.append(record['label'])
     return {'image': np.stack(images), 'label': np.asarray(labels, np.int32)}
 
@@ -115,11 +114,9 @@ class _Reader:
                       np.uint8)
     labels = np.zeros(len(images), np.int32)
     mask = np.zeros(len(images), np.float32)
-    for k, (rows, (start, _)) in enumerate(zip(
-        self.sampler.eval_rows(split, step),
-        self.sampler.local_ranges(split))):
-      for j, row in enumerate(rows):
-        record = source[start + int(row)]
+    for k, rows in enumerate(self.sampler.eval_rows(split, step)):
+      for j, index in enumerate(self.sampler.tfds_indices(split, rows)):
+        record = source[int(index)]
         images[k * b + j] = self.transform.eval(record['image'])
         labels[k * b + j] = record['label']
         mask[k * b + j] = 1.0
@@ -150,7 +147,7 @@ class StreamingStorage:
 
   def __init__(self, data_builder, config, sampler, transform, num_workers):
     sources = {split: datasets.data_source(data_builder,
-                                           sampler.shards[split][0], config)
+                                           sampler.tfds_split(split), config)
                for split in splits_lib.SPLITS}
     self._reader = _Reader(sources, sampler, transform)
     # grain reads its absl flags; outside `app.run` (tests, notebooks) they
@@ -193,12 +190,10 @@ class StreamingStorage:
     return self._iterate(steps.map(
         functools.partial(self._reader.eval_batch, split)))
 
-  def stats_sums(self, positions: Sequence[np.ndarray]):
+  def stats_sums(self, positions: np.ndarray):
     """Summed `_Reader.stats_sums` over the training records at `positions`
-    (per local shard, within it), in chunks read by the workers."""
-    indices = [p + a for p, (a, _) in zip(
-        positions, self._sampler.local_ranges('train'))]
-    flat = np.concatenate(indices) if indices else np.zeros(0, int)
+    (within the split), in chunks read by the workers."""
+    flat = self._sampler.tfds_indices('train', positions)
     chunks = [flat[i:i + 64] for i in range(0, len(flat), 64)]
     total = np.zeros((3, self._reader.transform.channels), np.float64)
     for sums in self._iterate(grain.MapDataset.source(chunks).map(

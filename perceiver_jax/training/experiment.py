@@ -129,6 +129,7 @@ def initial_meta(config):
   return {
       'epoch': 0,  # Completed epochs (validation done, checkpoint saved).
       'epoch_sums': None,  # Train metric sums of a partly done epoch.
+      'epoch_step': 0,  # Steps done of the partly done epoch.
       'plateau': callbacks.to_dict(
           callbacks.plateau_init(config.learning_rate)),
       'early_stopping': callbacks.to_dict(callbacks.EarlyStoppingState()),
@@ -196,11 +197,15 @@ class Experiment:
     """The latest good checkpoint's (state, meta), else the fresh ones."""
     restored = checkpointing.restore_latest(
         self.manager, checkpointing.abstract(self.state))
+    layout = {'batch_size': self.config.batch_size,
+              'steps_per_epoch': self.pipeline.steps_per_epoch,
+              'num_devices': int(self.mesh.devices.size)}
     if restored is None:
-      return self._fresh_state(), initial_meta(self.config)
+      return self._fresh_state(), dict(initial_meta(self.config), **layout)
     state, meta = restored
     logging.info('Resuming from step %d (epoch %d done).', int(state.step),
                  meta['epoch'])
+    resume.adopt_layout(meta, int(state.step), self.saved_config, layout)
     return resume.adopt_config(state, meta, self.config, self.saved_config)
 
   def _fresh_state(self):

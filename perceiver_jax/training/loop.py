@@ -58,9 +58,7 @@ def train_and_evaluate(config, workdir):
 def train(ex, state, meta, watcher, faults):
   """Runs the epochs `meta` has not done; returns the final state and meta."""
   step = int(state.step)
-  spe = ex.pipeline.steps_per_epoch
-  batches = ex.pipeline.train_batches(meta['epoch'],
-                                      step - meta['epoch'] * spe)
+  batches = ex.pipeline.train_batches(meta['epoch'], meta['epoch_step'])
   for epoch in range(meta['epoch'], ex.config.num_epochs):
     if _stopping(meta).should_stop:
       break
@@ -76,27 +74,35 @@ def train(ex, state, meta, watcher, faults):
 def train_epoch(ex, state, meta, epoch, step, batches, watcher, faults):
   """The remaining steps of `epoch` from global `step`, fed by `batches`.
 
-  Returns `(state, step, log, preempted)`; a preemption notice before the
-  epoch's last step saves and raises `preemption.Preempted` here.
+  The epoch's steps are numbered from 0 (`meta['epoch_step']` of them are
+  done); the learning-rate schedule is read at the epoch's position, which
+  is the global step unless the batch size changed at an earlier epoch end
+  (`resume.adopt_layout`). Returns `(state, step, log, preempted)`; a
+  preemption notice before the epoch's last step saves and raises
+  `preemption.Preempted` here.
   """
   config, spe = ex.config, ex.pipeline.steps_per_epoch
   plateau_lr = _plateau(meta).learning_rate
-  first = step - epoch * spe
+  first = meta['epoch_step']
   log = metrics_lib.EpochLog(ex.writer, epoch, config.num_epochs, spe, first,
                              config.batch_size, config.log_every_steps,
                              meta['epoch_sums'])
   preempted = False
   train_step = ex.profile.wrap(ex.train_step, step)  # config.profile_steps
   for s in range(first, spe):
-    batch = sharding_lib.global_batch(ex.mesh, next(batches))
-    lr = faults.learning_rate(step, ex.learning_rates.at(step, plateau_lr))
+    local_batch = next(batches)
+    faults.consumed(step + 1, local_batch)
+    batch = sharding_lib.global_batch(ex.mesh, local_batch)
+    lr = faults.learning_rate(
+        step, ex.learning_rates.at(epoch * spe + s, plateau_lr))
     state, step_metrics = train_step(state, batch, lr)
     step += 1
     preempted = watcher.reached(step)
     save = s + 1 < spe and (preempted or _save_due(config, step))
     log.add(step, s + 1, step_metrics, lr, force=save)
     if save:
-      _save(ex, step, state, dict(meta, epoch_sums=log.sums.flush()), faults)
+      _save(ex, step, state,
+            dict(meta, epoch_sums=log.sums.flush(), epoch_step=s + 1), faults)
     if preempted and s + 1 < spe:
       ex.manager.wait_until_finished()
       log.close()
@@ -124,7 +130,7 @@ def end_epoch(ex, state, meta, epoch, step, log, faults):
   meta['history'].append(_epoch_record(epoch + 1, lr, train_means, val))
   if improved:
     meta['best_step'] = step
-  meta.update(epoch=epoch + 1, epoch_sums=None,
+  meta.update(epoch=epoch + 1, epoch_sums=None, epoch_step=0,
               plateau=callbacks.to_dict(plateau),
               early_stopping=callbacks.to_dict(stopping))
   _save(ex, step, state, meta, faults, is_best=improved)

@@ -151,7 +151,8 @@ class LearningRates:
     self.table = rates.astype(np.float32)
 
   def at(self, step, plateau_lr):
-    """Rate of the update from `step` to `step + 1` (0-based)."""
+    """Rate of the schedule's step `step` (0-based: epoch * steps_per_epoch
+    + the step within the epoch)."""
     if self.uses_plateau:
       return plateau_lr
     return float(self.table[min(step, len(self.table) - 1)])

@@ -14,6 +14,11 @@ takes effect, none is silently ignored:
 * `early_stopping.*`: applied from the next epoch on. A run that had
   stopped early trains on when the new patience exceeds its epochs without
   improvement (with that patience Keras would not have stopped).
+* The slice: the example order depends on the seed, epoch, step and global
+  batch size only (`data/sampler.py`), so a run resumes on any number of
+  devices and hosts, mid-epoch included, reading on exactly where it
+  stopped (`adopt_layout`). A new `batch_size` changes the order and the
+  steps per epoch: it is taken at an epoch end and refused mid-epoch.
 """
 
 import dataclasses
@@ -42,8 +47,10 @@ RESUMABLE_FIELDS = (
     'min_learning_rate', 'label_smoothing', 'mixup_alpha', 'cutmix_alpha',
     'mix_prob', 'randaugment_num_ops', 'randaugment_magnitude',
     'data_storage', 'data_workers', 'tfds_manual_dir', 'init_from',
-    'lr_decay_epochs', 'lr_decay_factor', 'profile_steps',
+    'lr_decay_epochs', 'lr_decay_factor', 'profile_steps', 'batch_size',
 )
+# What a checkpoint's meta records of how its batches were laid out.
+LAYOUT_KEYS = ('batch_size', 'steps_per_epoch', 'num_devices')
 
 
 def _flatten(d, prefix=''):
@@ -116,6 +123,60 @@ def _set_weight_decay(state, value):
   new = jax.device_put(np.asarray(value, old.dtype), old.sharding)
   return state.replace(opt_state=state.opt_state._replace(
       hyperparams=dict(hyperparams, weight_decay=new)))
+
+
+def adopt_layout(meta, step, saved, layout):
+  """Checks that a checkpoint's epoch can go on under this run's batches.
+
+  Args:
+    meta: the restored meta dict (updated in place: `layout`, and the
+      position in the epoch for checkpoints that did not record it).
+    step: the restored global step.
+    saved: the config dict the workdir held before this run, or None.
+    layout: this run's `{batch_size, steps_per_epoch, num_devices}`.
+
+  Raises:
+    config_lib.ConfigError: the global batch size changed mid-epoch.
+  """
+  recorded = {k: meta.get(k) for k in LAYOUT_KEYS}
+  if recorded['batch_size'] is None:  # Written before layouts were recorded.
+    recorded['batch_size'] = (saved or {}).get('batch_size',
+                                               layout['batch_size'])
+  mid_epoch = meta['epoch_sums'] is not None
+  if recorded['batch_size'] != layout['batch_size']:
+    if mid_epoch:
+      raise config_lib.ConfigError(
+          f'The checkpoint this run resumes from (step {step}) is in the '
+          f'middle of epoch {meta["epoch"] + 1}, trained with batch_size='
+          f'{recorded["batch_size"]}, and this run asks for batch_size='
+          f'{layout["batch_size"]}. The global batch size decides the order '
+          'of an epoch\'s examples and its number of steps, so the rest of '
+          'this epoch cannot be read with another one. Resume with '
+          f'--config.batch_size={recorded["batch_size"]}; the batch size may '
+          'change at an epoch end: to switch, finish this epoch with the old '
+          f'one (--config.batch_size={recorded["batch_size"]} '
+          f'--config.num_epochs={meta["epoch"] + 1}), then rerun with the '
+          'new batch size and the full num_epochs.')
+    logging.warning(
+        'batch_size %d -> %d at the end of epoch %d: epochs from %d on take '
+        '%d steps (were %s) in the order of the new batch size.',
+        recorded['batch_size'], layout['batch_size'], meta['epoch'],
+        meta['epoch'] + 1, layout['steps_per_epoch'],
+        recorded['steps_per_epoch'] or 'unrecorded')
+  elif mid_epoch and meta.get('steps_per_epoch') is None:
+    logging.warning(
+        'The checkpoint at step %d was written by an earlier version, whose '
+        'example order within an epoch differs: the rest of epoch %d is read '
+        'in the current order, so some of its examples may be seen twice '
+        'and others not at all.', step, meta['epoch'] + 1)
+  if recorded['num_devices'] not in (None, layout['num_devices']):
+    logging.info('Resuming on %d devices (the checkpoint was written on %d): '
+                 'the example order does not depend on it.',
+                 layout['num_devices'], recorded['num_devices'])
+  if 'epoch_step' not in meta:  # Written before it was recorded.
+    meta['epoch_step'] = (
+        step - meta['epoch'] * layout['steps_per_epoch'] if mid_epoch else 0)
+  meta.update(layout)
 
 
 def adopt_config(state, meta, config, saved):

@@ -68,11 +68,6 @@ def expected_split(stored_ids, split, validation_split=0.1):
           'test': stored_ids['test']}[split]
 
 
-def shard_of(split_ids, i, num_shards):
-  m = len(split_ids)
-  return split_ids[i * m // num_shards:(i + 1) * m // num_shards]
-
-
 def check_examples(fake, batch):
   """Images and labels are exactly the archive's for the ids they carry."""
   images = np.concatenate([fake.train_images, fake.test_images])
@@ -86,19 +81,22 @@ def check_examples(fake, batch):
                                 labels[ids(batch['image'][real])])
 
 
-def eval_ids_per_shard(p, split):
-  """{shard index: ids in order} from the masked rows of eval_batches."""
-  b, out = p.per_shard_batch, {i: [] for i in p.shard_indices}
+def eval_ids(p, split):
+  """Ids of the masked rows of eval_batches, in order: each device's padding
+  comes after its real rows, and the padding of the global batch last."""
+  b = p.per_shard_batch
   batches = list(p.eval_batches(split))
   assert len(batches) == p.num_eval_steps(split)
+  out = []
   for batch in batches:
     assert batch['image'].shape[0] == p.local_batch_size
-    for k, i in enumerate(p.shard_indices):
-      rows = slice(k * b, (k + 1) * b)
-      mask = batch['mask'][rows] > 0
-      assert (np.diff(mask.astype(int)) <= 0).all()  # Padding at the end.
-      out[i].extend(ids(batch['image'][rows][mask]))
-  return {i: np.array(v, int) for i, v in out.items()}
+    mask = batch['mask'] > 0
+    for k in range(len(p.shard_indices)):
+      rows = mask[k * b:(k + 1) * b]
+      assert (np.diff(rows.astype(int)) <= 0).all()  # Padding at the end.
+    assert (np.diff(mask.astype(int)) <= 0).all()
+    out.extend(ids(batch['image'][mask]))
+  return np.array(out, int)
 
 
 def test_prepare_runs_the_real_builder_offline(fake_cifar100, stored):
@@ -134,8 +132,7 @@ def test_split_boundaries(fake_cifar100, stored, validation_split, num_train):
       np.sort(seen), np.sort(stored['train'][:num_train]))
   for split in ('validation', 'test'):
     np.testing.assert_array_equal(
-        eval_ids_per_shard(p, split)[0],
-        expected_split(stored, split, validation_split))
+        eval_ids(p, split), expected_split(stored, split, validation_split))
 
 
 @pytest.mark.parametrize('validation_split', [0.0, 1.0, 0.999])
@@ -146,31 +143,52 @@ def test_rejects_validation_split_leaving_a_split_empty(fake_cifar100,
 
 
 @pytest.mark.parametrize('storage', STORAGES)
-def test_shards_partition_each_split(fake_cifar100, stored, storage):
+def test_order_is_one_permutation_per_epoch_sliced_into_batches(
+    fake_cifar100, stored, storage):
   p = pipeline(fake_cifar100, data_storage=storage)
+  # Evaluation: the split in stored order, 8 rows a batch, padded at the end.
   for split in ('validation', 'test'):
-    got = eval_ids_per_shard(p, split)
-    for i in range(4):
-      np.testing.assert_array_equal(
-          got[i], shard_of(expected_split(stored, split), i, 4))
-  # Train: shard i's rows at (epoch, step) are the documented permutation of
-  # the shard; one epoch drops a few examples, ten epochs see every one.
-  b, seen = p.per_shard_batch, {i: set() for i in range(4)}
+    np.testing.assert_array_equal(eval_ids(p, split),
+                                  expected_split(stored, split))
+  # Train: batch s of epoch e is rows [8s, 8s + 8) of the documented
+  # permutation of the split; one epoch drops 90 % 8 = 2 examples, ten
+  # epochs see every one.
+  train, seen = expected_split(stored, 'train'), set()
   for epoch in range(10):
+    perm = np.random.default_rng([0, 0, epoch]).permutation(len(train))
     for step in range(p.steps_per_epoch):
       batch = p.train_batch(epoch, step)
       check_examples(fake_cifar100, batch)
-      for i in range(4):
-        shard = shard_of(expected_split(stored, 'train'), i, 4)
-        perm = np.random.default_rng([0, epoch, i]).permutation(len(shard))
-        got = ids(batch['image'][i * b:(i + 1) * b])
-        np.testing.assert_array_equal(got, shard[perm[step * b:][:b]])
-        seen[i].update(got.tolist())
-  for i in range(4):
-    assert seen[i] == set(shard_of(expected_split(stored, 'train'), i, 4))
+      got = ids(batch['image'])
+      np.testing.assert_array_equal(got, train[perm[step * 8:][:8]])
+      seen.update(got.tolist())
+  assert seen == set(train.tolist())
 
 
-def test_process_reads_only_its_shards(fake_cifar100, monkeypatch):
+@pytest.mark.parametrize('storage', STORAGES)
+def test_order_does_not_depend_on_the_device_count(fake_cifar100, storage):
+  """What a run resumed on another slice relies on: 1, 2, 4 or 8 devices
+  holding a global batch of 8 see the same batches in the same order."""
+  layouts = [pipeline(fake_cifar100, n, range(n), data_storage=storage)
+             for n in (1, 2, 4, 8)]
+  assert {p.steps_per_epoch for p in layouts} == {11}
+  for epoch, step in [(0, 0), (0, 10), (7, 4)]:
+    want = layouts[0].train_batch(epoch, step)
+    for p in layouts[1:]:
+      got = p.train_batch(epoch, step)
+      for key in ('image', 'label'):
+        np.testing.assert_array_equal(got[key], want[key])
+  for split in ('validation', 'test'):
+    want = list(layouts[0].eval_batches(split))
+    for p in layouts[1:]:
+      got = list(p.eval_batches(split))
+      assert len(got) == len(want)
+      for a, b in zip(got, want):
+        for key in ('image', 'label', 'mask'):
+          np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_memory_storage_reads_each_split_once(fake_cifar100, monkeypatch):
   reads = []
   real_read = memory._read_records  # pylint: disable=protected-access
 
@@ -182,20 +200,19 @@ def test_process_reads_only_its_shards(fake_cifar100, monkeypatch):
   config = tfds_fixtures.make_config(fake_cifar100.data_dir, batch_size=8,
                                      data_storage='memory')
   input_pipeline.Pipeline(config, num_shards=4, shard_indices=[2, 3])
-  # train = stored [0, 90) cut at 0/22/45/67/90; validation [90, 100).
-  assert sorted(reads) == sorted([
-      ('train', 45, 67), ('train', 67, 90), ('train', 95, 97),
-      ('train', 97, 100), ('test', 15, 22), ('test', 22, 30)])
+  # Every process holds whole splits: an epoch draws from all of train.
+  assert sorted(reads) == [('test', 0, 30), ('train', 0, 90),
+                           ('train', 90, 100)]
 
 
 def test_steps_per_epoch_is_global(fake_cifar100):
-  assert pipeline(fake_cifar100).steps_per_epoch == 11  # min(22, 23) // 2.
-  # 85 train examples: shards 21, 21, 21, 22. Shard 3 alone still uses 21.
+  assert pipeline(fake_cifar100).steps_per_epoch == 11  # 90 // 8.
+  # 85 train examples: 10 batches of 8, whichever devices this process has.
   p = pipeline(fake_cifar100, 4, (3,), validation_split=0.15)
   assert p.steps_per_epoch == 10
   assert p.num_train_examples == 85
   with pytest.raises(ValueError, match='too large'):
-    pipeline(fake_cifar100, batch_size=4 * 23)
+    pipeline(fake_cifar100, batch_size=92)
   with pytest.raises(ValueError, match='multiple'):
     pipeline(fake_cifar100, batch_size=10)
 
@@ -316,12 +333,14 @@ def test_mock_data(tmp_path, dataset, native, channels, num_classes):
   assert (info.height, info.width, info.channels, info.num_classes) == (
       size, size, channels, num_classes)
   p = input_pipeline.Pipeline(config, num_shards=2, shard_indices=[1])
-  # tfds' mock ignores slicing: each shard holds all n mock examples.
-  assert p.num_train_examples == p.num_test_examples == 2 * n
-  assert p.steps_per_epoch == n // 8
+  # tfds' mock ignores slicing: every split holds the n mock examples.
+  assert p.num_train_examples == p.num_test_examples == n
+  assert p.steps_per_epoch == n // 16
   batch = p.train_batch(0, 0)
   assert batch['image'].shape == (8, size, size, channels)
   assert batch['image'].dtype == np.uint8
   assert batch['label'].dtype == np.int32
   assert ((batch['label'] >= 0) & (batch['label'] < num_classes)).all()
-  assert sum(b['mask'].sum() for b in p.eval_batches('test')) == n
+  # This process's device holds rows 8..15 of each global batch of 16.
+  assert sum(b['mask'].sum() for b in p.eval_batches('test')) == sum(
+      i % 16 >= 8 for i in range(n))

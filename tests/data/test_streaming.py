@@ -105,10 +105,9 @@ def test_each_training_view_is_drawn_for_its_epoch_and_record(
   monkeypatch.setattr(host_transforms.HostTransform, 'train', recording)
   sampler = pipeline.sampler
   pipeline.train_batch(1, 2)
-  assert drawn == [(sampler.seed, 1, start + int(row))
-                   for rows, (start, _) in zip(sampler.train_rows(1, 2),
-                                               sampler.local_ranges('train'))
-                   for row in rows]
+  assert drawn == [(sampler.seed, 1, int(index))
+                   for rows in sampler.train_rows(1, 2)
+                   for index in sampler.tfds_indices('train', rows)]
 
 
 def test_statistics_of_a_sample_of_the_training_split(tiny_jpegs):

@@ -31,7 +31,7 @@ from perceiver_jax.training import recipe
 from tests.support import ROOT
 from tests.support import subprocess_env
 
-MOCK_EXAMPLES = 16  # Per shard; 8 devices, so 128 test examples.
+MOCK_EXAMPLES = 16  # Every split holds them.
 
 
 @pytest.fixture(scope='session')
@@ -61,9 +61,9 @@ def test_eval_reproduces_results_json_on_every_test_example(workdir, capsys):
   for key in ('test_loss', 'test_accuracy', 'test_top5_accuracy'):
     assert evaluated[key] == pytest.approx(saved[key], rel=1e-6, abs=1e-9)
     assert saved[key] == pytest.approx(results[key])
-  assert evaluated['num_examples'] == 8 * MOCK_EXAMPLES
+  assert evaluated['num_examples'] == MOCK_EXAMPLES
   assert evaluated['checkpoint'] == 'best'
-  assert f'(EMA weights) of {path} on {8 * MOCK_EXAMPLES} test examples' in out
+  assert f'(EMA weights) of {path} on {MOCK_EXAMPLES} test examples' in out
   assert (f'Test accuracy: {round(saved["test_accuracy"] * 100, 2)}%'
           in out.splitlines())
   assert (f'Test top 5 accuracy: '

@@ -149,6 +149,64 @@ def test_a_field_the_saved_config_lacks_counts_as_its_default():
 
 
 # --------------------------------------------------------------------------
+# The slice and the batch size.
+
+LAYOUT = {'batch_size': 64, 'steps_per_epoch': 703, 'num_devices': 4}
+
+
+def _meta(epoch, epoch_step, **recorded):
+  """Meta of a checkpoint after `epoch_step` steps of epoch `epoch` + 1."""
+  sums = {'loss': 1.0, 'count': 64.0 * epoch_step} if epoch_step else None
+  return dict(epoch=epoch, epoch_sums=sums, epoch_step=epoch_step,
+              **recorded)
+
+
+def test_another_device_count_resumes_mid_epoch(caplog):
+  meta = _meta(3, 100, **dict(LAYOUT, num_devices=2))
+  with caplog.at_level('INFO'):
+    resume.adopt_layout(meta, 3 * 703 + 100, None, LAYOUT)
+  assert meta['epoch_step'] == 100 and meta['num_devices'] == 4
+  assert 'Resuming on 4 devices (the checkpoint was written on 2)' in (
+      caplog.text)
+
+
+def test_another_batch_size_is_refused_mid_epoch_and_taken_at_its_end(
+    caplog):
+  old = dict(LAYOUT, batch_size=32, steps_per_epoch=1406)
+  with pytest.raises(errors.InputError) as e:
+    resume.adopt_layout(_meta(3, 100, **old), 3 * 1406 + 100, None, LAYOUT)
+  message = str(e.value)
+  assert 'middle of epoch 4, trained with batch_size=32' in message
+  assert '--config.batch_size=32 --config.num_epochs=4' in message
+  assert '\n' not in message
+  meta = _meta(3, 0, **old)
+  with caplog.at_level('WARNING'):
+    resume.adopt_layout(meta, 3 * 1406, None, LAYOUT)
+  assert (meta['epoch_step'], meta['batch_size'], meta['steps_per_epoch']) == (
+      0, 64, 703)
+  assert ('batch_size 32 -> 64 at the end of epoch 3: epochs from 4 on take '
+          '703 steps (were 1406)') in caplog.text
+
+
+def test_checkpoints_from_before_layouts_were_recorded(caplog):
+  """They recorded neither the batch size (config.json has it) nor the step
+  within the epoch (the global step minus the finished epochs' steps)."""
+  saved = {'batch_size': 64}
+  meta = _meta(3, 0)
+  del meta['epoch_step']
+  resume.adopt_layout(meta, 3 * 703, saved, LAYOUT)
+  assert meta['epoch_step'] == 0 and meta['batch_size'] == 64
+  meta = _meta(3, 100)
+  del meta['epoch_step']
+  with caplog.at_level('WARNING'):
+    resume.adopt_layout(meta, 3 * 703 + 100, saved, LAYOUT)
+  assert meta['epoch_step'] == 100
+  assert 'written by an earlier version' in caplog.text
+  with pytest.raises(errors.InputError, match='batch_size=32'):
+    resume.adopt_layout(_meta(3, 100), 0, {'batch_size': 32}, LAYOUT)
+
+
+# --------------------------------------------------------------------------
 # Normalisation statistics and the data they were computed on.
 
 
