@@ -12,7 +12,6 @@ initialisation. The optimiser state starts afresh.
 
 import logging
 
-from etils import epath
 import jax
 import numpy as np
 
@@ -94,7 +93,7 @@ def pretrained_params(config, fresh_params):
     errors.InputError: the workdir holds no trained run, or another model.
   """
   source = config.init_from
-  path = epath.Path(source)
+  path = workdir_lib.path(source)
   saved = workdir_lib.read_json(path, workdir_lib.CONFIG)
   if saved is None or not workdir_lib.has_checkpoints(path):
     raise errors.InputError(
@@ -109,7 +108,7 @@ def pretrained_params(config, fresh_params):
         + '; '.join(differences) + '. Set them as the pretrained run has '
         f'them (see {path / workdir_lib.CONFIG}).')
   manager = checkpointing.create_manager(
-      (path / workdir_lib.CHECKPOINTS).resolve(), read_only=True)
+      path / workdir_lib.CHECKPOINTS, read_only=True)
   try:
     restore_best = saved.get('early_stopping', {}).get(
         'restore_best_weights', True)
