@@ -229,7 +229,8 @@ class Gcs:
 @pytest.fixture(scope='session')
 def gcs(tmp_path_factory):
   """One emulator for the session, on 127.0.0.1; stopped at its end."""
-  port, proxy_port = portpicker.pick_unused_port(), portpicker.pick_unused_port()
+  port = portpicker.pick_unused_port()
+  proxy_port = portpicker.pick_unused_port()
   ca_file = str(tmp_path_factory.mktemp('gcs') / 'ca.pem')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.Popen(

@@ -133,10 +133,10 @@ def test_off_leaves_the_step_untouched(tmp_path):
 
 def test_window_checks():
   assert profiling.window(_config(profile_steps=(3, 2))) == (3, 4)
-  never_written = '/never/written'
-  assert profiling.Profile(_config(profile_steps=(7, 2)), never_written, 4).window
+  unused = '/never/written'  # A workdir the checks never write to.
+  assert profiling.Profile(_config(profile_steps=(7, 2)), unused, 4).window
   with pytest.raises(errors.InputError, match='ends at step 8'):
-    profiling.Profile(_config(profile_steps=(7, 3)), never_written, 4)
+    profiling.Profile(_config(profile_steps=(7, 3)), unused, 4)
   for bad in ((0, 2), (2,), (2, -1), (2.0, 3), 'steps 2-3'):
     problems = config_lib.config_problems(_config(profile_steps=bad))
     assert [p for p in problems if p.startswith('config.profile_steps=')], (
