@@ -11,18 +11,23 @@ import glob
 import gzip
 import json
 import os
+import subprocess
+import sys
 import types
 
 from configs import fake_data
 import jax
 import jax.numpy as jnp
 import ml_collections
+import portpicker
 import pytest
 
 from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.training import profiling
+from tests.support import ROOT
 from tests.support import run_main
+from tests.support import subprocess_env
 
 
 def _run(workdir, *flags):
@@ -58,6 +63,25 @@ def test_profiled_run_writes_the_window_and_trains_identically(
   assert _traced_steps(profiling.process_dir(tmp_path, 0)) == [2, 3]
   with open(tmp_path / 'history.json', 'rb') as f:
     assert f.read() == reference_history
+
+
+def test_each_process_writes_its_own_trace(tmp_path):
+  """Two jax.distributed processes sharing a workdir stop tracing at once."""
+  port = portpicker.pick_unused_port()
+  env = subprocess_env(devices=1)
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'tests', 'training',
+                                    'profile_worker.py'),
+       str(tmp_path), '2', str(i), str(port)],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  for proc in procs:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+  assert sorted(os.listdir(tmp_path / profiling.PROFILE_DIR)) == [
+      'process_0', 'process_1']
+  for i in range(2):
+    assert _traced_steps(tmp_path / 'profile' / f'process_{i}') == [2, 3]
 
 
 def test_window_past_the_end_fails_before_compiling(tmp_path, monkeypatch):
