@@ -6,6 +6,8 @@ allows:
 
 - tensorstore (orbax's arrays) reads `TENSORSTORE_GCS_HTTP_URL` and
   `GOOGLE_AUTH_TOKEN_FOR_TESTING`: it talks to the emulator directly.
+- array_record (tfds' ArrayRecord reader, both storages) reads gs:// with
+  google-cloud-cpp, which reads `CLOUD_STORAGE_EMULATOR_ENDPOINT`.
 - google-cloud-storage (orbax asks it whether a bucket has a hierarchical
   namespace, and deletes through it) reads `STORAGE_EMULATOR_HOST`.
 - `tf.io.gfile`, and so `etils.epath` (its gs:// backend whenever tensorflow
@@ -69,6 +71,7 @@ def environment(port, proxy_port, ca_file):
   return {
       'TENSORSTORE_GCS_HTTP_URL': f'http://127.0.0.1:{port}',
       'STORAGE_EMULATOR_HOST': f'http://127.0.0.1:{port}',
+      'CLOUD_STORAGE_EMULATOR_ENDPOINT': f'http://127.0.0.1:{port}',
       'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator-token',
       'https_proxy': proxy, 'HTTPS_PROXY': proxy, 'http_proxy': proxy,
       # tensorstore's emulator URL, jax.distributed's gRPC: never proxied.

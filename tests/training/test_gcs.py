@@ -1,4 +1,4 @@
-"""A gs:// workdir end to end, against the local GCS emulator (`gcs` fixture).
+"""gs:// workdirs and data dirs, against the local GCS emulator (`gcs`).
 
 Real `main.py` processes on mock data (one CPU device, 3 epochs of 4 steps,
 a checkpoint every 2 steps), as in test_resilience.py: train, SIGKILL in the
@@ -113,4 +113,28 @@ def test_gs_workdir_trains_resumes_and_serves_the_tools(
                     f'--config.init_from={run}', '--config.num_epochs=1'))
   assert re.search(
       rf'Initialised from the \w+ checkpoint of {run} \(step \d+', tuned.stderr)
+  assert os.listdir(scratch) == []
+
+
+def test_gs_data_dir_feeds_both_storages_alike(
+    tmp_path, gcs, monkeypatch, fake_cifar100):
+  """A tfds data dir in the bucket (ArrayRecord), read in memory or streamed
+  by a grain worker process: the same batches, so the same history."""
+  gcs.use(monkeypatch)
+  data_dir = epath.Path(f'{gcs.bucket}/{tmp_path.name}/tfds')
+  for local in epath.Path(fake_cifar100.data_dir).glob('cifar100/*/*'):
+    local.copy(data_dir / 'cifar100' / local.parent.name / local.name)
+  scratch = tmp_path / 'cwd'
+  scratch.mkdir()
+  env = dict(subprocess_env(devices=1), **gcs.env)
+  histories = []
+  for storage in ('memory', 'stream'):
+    workdir = tmp_path / storage
+    _ok(_main(scratch, env, f'--workdir={workdir}', '--config.num_epochs=1',
+              '--config.mock_data=False', '--config.dataset=cifar100',
+              f'--config.tfds_data_dir={data_dir}', '--config.batch_size=8',
+              f'--config.data_storage={storage}', '--config.data_workers=1'))
+    histories.append((workdir / 'history.json').read_bytes())
+  assert histories[0] == histories[1]
+  assert json.loads(histories[0])[0]['val_accuracy'] >= 0
   assert os.listdir(scratch) == []
