@@ -47,9 +47,7 @@ def check_workdir(workdir):
   for name in (workdir_lib.CONFIG, workdir_lib.NORMALIZATION):
     if not (path / name).exists():
       raise _no_run_error(workdir, name)
-  checkpoints = path / workdir_lib.CHECKPOINTS
-  if not (checkpoints.exists() and any(
-      p.name.isdigit() for p in checkpoints.iterdir())):
+  if not workdir_lib.has_checkpoints(path):
     raise _no_run_error(workdir, 'checkpoint')
   return path
 

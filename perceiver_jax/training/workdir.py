@@ -143,11 +143,17 @@ def read_json(workdir, name):
   return json.loads(file_path.read_text()) if file_path.exists() else None
 
 
+# Orbax's mark of a finished step where it cannot rename a temporary folder
+# into place (GCS): a step folder without it was cut off mid-write.
+COMMIT_SUCCESS = 'commit_success.txt'
+
+
 def has_checkpoints(workdir):
   """True when the workdir holds a finished checkpoint step."""
   directory = epath.Path(workdir) / CHECKPOINTS
-  return directory.exists() and any(p.name.isdigit()
-                                    for p in directory.iterdir())
+  return directory.exists() and any(
+      p.name.isdigit() and (is_local(p) or (p / COMMIT_SUCCESS).exists())
+      for p in directory.iterdir())
 
 
 def stats_arrays(stats):

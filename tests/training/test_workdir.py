@@ -81,3 +81,14 @@ def test_mirror_copies_new_and_changed_files_in(folder, monkeypatch):
   assert os.path.isdir(local) == workdir_lib.is_local(folder)
   assert sorted(p.name for p in (folder / 'tensorboard').iterdir()) == [
       'events', 'sub']
+
+
+def test_has_checkpoints_counts_finished_steps_only(folder):
+  assert not workdir_lib.has_checkpoints(folder)
+  step = folder / 'checkpoints' / '4'
+  step.mkdir(parents=True)
+  (step / 'state').write_text('arrays')
+  # Locally orbax renames a finished step into place; on GCS it marks it.
+  assert workdir_lib.has_checkpoints(folder) == workdir_lib.is_local(folder)
+  (step / workdir_lib.COMMIT_SUCCESS).write_text('')
+  assert workdir_lib.has_checkpoints(folder)
