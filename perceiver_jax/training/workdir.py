@@ -14,6 +14,7 @@ write only local files (TensorBoard's event writer, jax's profiler) write
 into a `Mirror`, which copies them in.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -121,9 +122,24 @@ class Mirror:
       self._temp = None
 
 
+def _check_gcs_client(workdir):
+  """Orbax reaches a gs:// checkpoint folder through google-cloud-storage."""
+  try:
+    found = importlib.util.find_spec('google.cloud.storage') is not None
+  except ModuleNotFoundError:  # No `google.cloud` at all.
+    found = False
+  if not found:
+    raise errors.InputError(
+        f'--workdir={workdir} is on GCS, and orbax writes checkpoints there '
+        'through the google-cloud-storage package, which is not installed; '
+        'run `pip install -r requirements.txt` (it pins the version).')
+
+
 def prepare(workdir):
   """Creates the workdir and proves it writable before any heavy work."""
   workdir_path = path(workdir)
+  if not is_local(workdir_path):
+    _check_gcs_client(workdir)
   try:
     workdir_path.mkdir(parents=True, exist_ok=True)
     probe = workdir_path / f'.write_test_{jax.process_index()}'

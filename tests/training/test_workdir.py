@@ -8,6 +8,7 @@ import os
 from etils import epath
 import pytest
 
+from perceiver_jax import errors
 from perceiver_jax.training import workdir as workdir_lib
 
 
@@ -92,3 +93,14 @@ def test_has_checkpoints_counts_finished_steps_only(folder):
   assert workdir_lib.has_checkpoints(folder) == workdir_lib.is_local(folder)
   (step / workdir_lib.COMMIT_SUCCESS).write_text('')
   assert workdir_lib.has_checkpoints(folder)
+
+
+def test_a_gs_workdir_without_google_cloud_storage_is_refused(
+    gcs, monkeypatch):
+  gcs.use(monkeypatch)  # Where a mkdir would go, were nothing checked.
+  find_spec = workdir_lib.importlib.util.find_spec
+  monkeypatch.setattr(
+      workdir_lib.importlib.util, 'find_spec',
+      lambda name: None if name == 'google.cloud.storage' else find_spec(name))
+  with pytest.raises(errors.InputError, match='pip install -r requirements'):
+    workdir_lib.prepare(f'{gcs.bucket}/unchecked')
