@@ -98,8 +98,10 @@ def plot_learning_curves(history, path):
 class SummaryWriter:
   """TensorBoard scalars (tensorboardX), written by process 0 only.
 
-  tensorboardX writes gs:// only through google-cloud-storage, so it writes
-  into a local `workdir.Mirror` of `logdir`, copied in at every flush.
+  It writes into a local `workdir.Mirror` of `logdir`, copied in at every
+  flush, so every workdir file reaches gs:// the same way; tensorboardX's
+  own gs:// writer keeps the whole file in memory and uploads it again from
+  `__del__`, at interpreter exit too.
   """
 
   def __init__(self, logdir):
