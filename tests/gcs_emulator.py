@@ -28,10 +28,11 @@ both), and sends no `x-goog-generation` header with an object's bytes
 (tensorstore needs it). It also ignores `ifGenerationMatch` preconditions
 (tensorstore's and TF's conditional writes always succeed; one writer per
 object, as in these tests, never needs them). Its server answers one request
-at a time over HTTP/1.0, so curl waits a second before each upload's body
-(`Expect: 100-continue`); here it runs threaded, answers HTTP/1.1 (the 100
-at once), closes each connection after one request, and serialises the
-handlers behind a lock (its storage is not thread-safe).
+at a time over HTTP/1.0, so curl would wait up to a second (its default)
+before each upload's body (`Expect: 100-continue`); here it runs threaded,
+answers HTTP/1.1 (the 100 at once), closes each connection after one
+request, and serialises the handlers behind a lock (its storage is not
+thread-safe).
 
 The `gcs` fixture starts one such process per test session (pytest-xdist
 worker) on free ports and stops it at the end; tests pass `gcs.env` to the
