@@ -27,8 +27,9 @@ if 'PERCEIVER_TEST_JAX_CACHE' not in os.environ:
   atexit.register(shutil.rmtree, os.environ['PERCEIVER_TEST_JAX_CACHE'],
                   ignore_errors=True)
 
-# The `fake_cifar100` fixture, for every test module.
-pytest_plugins = ['tests.data.tfds_fixtures']
+# The `fake_cifar100` and `gcs` (a local GCS emulator) fixtures, for every
+# test module.
+pytest_plugins = ['tests.data.tfds_fixtures', 'tests.gcs_emulator']
 
 
 @pytest.fixture(scope='session')

@@ -17,8 +17,8 @@ pixel row and column of every tile are a dark separating line.
 """
 
 import dataclasses
+import io
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +29,7 @@ from perceiver_jax import errors
 from perceiver_jax.data import input_pipeline
 from perceiver_jax.model import sharing
 from perceiver_jax.tools import trained as trained_lib
+from perceiver_jax.training import workdir as workdir_lib
 
 TILE = 96  # Pixels per tile side.
 HEADER = 16  # Height of the column-title strip.
@@ -191,15 +192,18 @@ def run(workdir, *, num_images, output=None, num_latents=4,
   trained_lib.check_workdir(workdir)
   config = trained_lib.load_config(workdir, overrides)
   iteration = parse_iteration(iteration, config.num_iterations)
-  output = output or str(epath.Path(workdir) / 'attention_maps.png')
+  output = str(output or
+               workdir_lib.path(workdir) / workdir_lib.ATTENTION_MAPS)
   images, labels = first_test_examples(config, num_images)
   trained = trained_lib.load(
       workdir, overrides=overrides, mesh=trained_lib.single_device_mesh())
   maps, logits = cross_attention_maps(trained, images, iteration)
   latents = latent_indices(maps.shape[1], num_latents)
   image = render(images, maps, latents, tile)
-  try:
-    image.save(output, format='PNG')
+  buffer = io.BytesIO()
+  image.save(buffer, format='PNG')
+  try:  # Local or gs://, atomically.
+    workdir_lib.write(output, buffer.getvalue())
   except OSError as e:
     raise errors.InputError(f'Cannot write --output={output}: '
                             f'{e.strerror or e}.') from None

@@ -15,7 +15,6 @@ import json
 import logging
 from typing import Any, Optional, Sequence
 
-from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -26,7 +25,6 @@ from perceiver_jax.data import augment
 from perceiver_jax.data import datasets
 from perceiver_jax.model import perceiver
 from perceiver_jax.training import checkpointing
-from perceiver_jax.training import metrics as metrics_lib
 from perceiver_jax.training import recipe
 from perceiver_jax.training import sharding as sharding_lib
 from perceiver_jax.training import steps
@@ -45,13 +43,11 @@ def _no_run_error(workdir, missing):
 
 def check_workdir(workdir):
   """Fails fast, before anything heavy, unless `workdir` holds a trained run."""
-  path = epath.Path(workdir)
+  path = workdir_lib.path(workdir)
   for name in (workdir_lib.CONFIG, workdir_lib.NORMALIZATION):
     if not (path / name).exists():
       raise _no_run_error(workdir, name)
-  checkpoints = path / workdir_lib.CHECKPOINTS
-  if not (checkpoints.exists() and any(
-      p.name.isdigit() for p in checkpoints.iterdir())):
+  if not workdir_lib.has_checkpoints(path):
     raise _no_run_error(workdir, 'checkpoint')
   return path
 
@@ -68,7 +64,7 @@ def load_config(workdir, overrides=None):
   Returns:
     A validated ConfigDict.
   """
-  path = epath.Path(workdir) / workdir_lib.CONFIG
+  path = workdir_lib.path(workdir) / workdir_lib.CONFIG
   if not path.exists():
     raise _no_run_error(workdir, workdir_lib.CONFIG)
   saved = config_lib.upgrade(json.loads(path.read_text()))
@@ -90,7 +86,7 @@ def load_config(workdir, overrides=None):
 
 def load_stats(workdir):
   """The training split's per-channel mean and variance, as training used."""
-  path = epath.Path(workdir) / workdir_lib.NORMALIZATION
+  path = workdir_lib.path(workdir) / workdir_lib.NORMALIZATION
   if not path.exists():
     raise _no_run_error(workdir, workdir_lib.NORMALIZATION)
   return workdir_lib.stats_arrays(json.loads(path.read_text()))
@@ -103,7 +99,7 @@ def class_names(workdir, info):
   workdir copied to a machine without the prepared dataset keeps its names
   (before preparation tfds may only know '0', '1', ...).
   """
-  path = epath.Path(workdir) / workdir_lib.CLASS_NAMES
+  path = workdir_lib.path(workdir) / workdir_lib.CLASS_NAMES
   if path.exists():
     names = tuple(json.loads(path.read_text()))
     if len(names) == info.num_classes:
@@ -111,7 +107,7 @@ def class_names(workdir, info):
     logging.warning('%s lists %d names for %d classes; using the dataset\'s.',
                     path, len(names), info.num_classes)
   try:
-    metrics_lib.write_json(path, list(info.class_names))
+    workdir_lib.write_json(path, list(info.class_names))
   except OSError as e:  # A read-only workdir still works.
     logging.warning('Could not write %s (%s).', path, e)
   return info.class_names
@@ -190,7 +186,7 @@ def load(workdir, *, overrides=None, mesh=None):
   image_shape = (config.image_size, config.image_size, info.channels)
   abstract, shardings = _abstract_state(config, model, image_shape, mesh)
   manager = checkpointing.create_manager(
-      (path / workdir_lib.CHECKPOINTS).resolve(), read_only=True)
+      path / workdir_lib.CHECKPOINTS, read_only=True)
   try:
     step, which, (state, meta) = checkpointing.restore_tested(
         manager, config.early_stopping.restore_best_weights,

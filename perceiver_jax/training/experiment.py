@@ -120,7 +120,7 @@ def normalization_stats(workdir, config, pipeline, has_checkpoints):
     else:
       stats = {k: np.asarray(v, np.float64).tolist()
                for k, v in pipeline.normalization_stats().items()}
-    metrics_lib.write_json(path, dict(stats, source=source))
+    workdir_lib.write_json(path, dict(stats, source=source))
   return workdir_lib.stats_arrays(stats)
 
 
@@ -159,7 +159,7 @@ class Experiment:
     datasets.get_dataset_info(config)  # Validates name and features.
     self.mesh = sharding_lib.create_mesh()
     sharding_lib.check_batch_size(config.batch_size, self.mesh)
-    metrics_lib.write_json(self.workdir / workdir_lib.CONFIG,
+    workdir_lib.write_json(self.workdir / workdir_lib.CONFIG,
                            config.to_dict())
     datasets.prepare(config)
     self.pipeline = input_pipeline.Pipeline(
@@ -188,10 +188,10 @@ class Experiment:
     self.learning_rates = recipe.LearningRates(config,
                                                self.pipeline.steps_per_epoch)
     self.manager = checkpointing.create_manager(
-        (self.workdir / workdir_lib.CHECKPOINTS).resolve(),
+        self.workdir / workdir_lib.CHECKPOINTS,
         max_to_keep=config.checkpoint_max_to_keep)
     self.writer = metrics_lib.SummaryWriter(
-        str(self.workdir / workdir_lib.TENSORBOARD))
+        self.workdir / workdir_lib.TENSORBOARD)
 
   def restore_or_init(self):
     """The latest good checkpoint's (state, meta), else the fresh ones."""

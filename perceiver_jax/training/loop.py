@@ -177,7 +177,7 @@ def test(ex, state, meta):
              'test_accuracy': results['accuracy'],
              'test_top5_accuracy': results['top5_accuracy'],
              'best_epoch': stopping.best_epoch, 'epochs_trained': meta['epoch']}
-  metrics_lib.write_json(ex.workdir / workdir_lib.RESULTS, summary)
+  workdir_lib.write_json(ex.workdir / workdir_lib.RESULTS, summary)
   ex.writer.scalars(int(state.step),
                     {f'test/{k}': v for k, v in results.items()})
   if metrics_lib.is_chief():
@@ -224,7 +224,7 @@ def _epoch_record(epoch, lr, train, val):
 
 
 def _write_epoch_outputs(ex, step, history):
-  metrics_lib.write_json(ex.workdir / workdir_lib.HISTORY, history)
+  workdir_lib.write_json(ex.workdir / workdir_lib.HISTORY, history)
   metrics_lib.plot_learning_curves(history,
                                    ex.workdir / workdir_lib.LEARNING_CURVES)
   scalars = {k.replace('_', '/', 1): v for k, v in history[-1].items()

@@ -4,18 +4,18 @@ Steps return per-batch *sums* (loss, correct top-1, correct top-5, count) on
 the device; `MetricSums` fetches them lazily every few steps, so the
 accelerator is not synchronised every step, and adds them in float64 in step
 order, so a resumed run reproduces the same epoch means bit for bit. Only
-process 0 writes files or draws the progress bar.
+process 0 writes files (through `workdir.py`) or draws the progress bar.
 """
 
 import io
-import json
 import math
+import os
 import time
 
-from etils import epath
 import jax
 
 from perceiver_jax import checks
+from perceiver_jax.training import workdir as workdir_lib
 
 KEYS = ('loss', 'accuracy', 'top5_accuracy', 'count')
 # How often running metrics are fetched and shown, as the config takes it.
@@ -70,26 +70,6 @@ def is_chief():
   return jax.process_index() == 0
 
 
-def atomic_write(path, data):
-  """Writes via a temporary file and rename, so readers never see half a file.
-
-  `data` is str or bytes. Paths may be local or any filesystem etils.epath
-  knows (e.g. gs://).
-  """
-  path = epath.Path(path)
-  tmp = path.with_name(path.name + '.tmp')
-  if isinstance(data, bytes):
-    tmp.write_bytes(data)
-  else:
-    tmp.write_text(data)
-  tmp.replace(path)
-
-
-def write_json(path, obj):
-  if is_chief():
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
-
-
 def plot_learning_curves(history, path):
   """Loss, top-1 and top-5 accuracy against epoch, train and validation."""
   if not is_chief() or not history:
@@ -112,27 +92,36 @@ def plot_learning_curves(history, path):
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=100)
   plt.close(fig)
-  atomic_write(path, buffer.getvalue())
+  workdir_lib.write(path, buffer.getvalue())
 
 
 class SummaryWriter:
-  """TensorBoard scalars (tensorboardX), written by process 0 only."""
+  """TensorBoard scalars (tensorboardX), written by process 0 only.
+
+  It writes into a local `workdir.Mirror` of `logdir`, copied in at every
+  flush, so every workdir file reaches gs:// the same way; tensorboardX's
+  own gs:// writer keeps the whole file in memory and uploads it again from
+  `__del__`, at interpreter exit too.
+  """
 
   def __init__(self, logdir):
     self._writer = None
     if is_chief():
       import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._writer = tensorboardX.SummaryWriter(logdir)
+      self._mirror = workdir_lib.Mirror(logdir)
+      self._writer = tensorboardX.SummaryWriter(os.fspath(self._mirror.local))
 
   def scalars(self, step, scalars):
     if self._writer:
       for k, v in scalars.items():
         self._writer.add_scalar(k, v, step)
       self._writer.flush()
+      self._mirror.sync()
 
   def close(self):
     if self._writer:
       self._writer.close()
+      self._mirror.close()
 
 
 class ProgressBar:

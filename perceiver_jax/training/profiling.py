@@ -9,13 +9,19 @@ the steady state after XLA's autotuning). `()` (the default) or a count of
 0 turns profiling off, and the training loop then runs exactly as without
 this module.
 
-The trace lands in `WORKDIR/profile/plugins/profile/<date>/`: an `.xplane.pb`
-for TensorBoard's profile plugin (`tensorboard --logdir WORKDIR/profile`,
-after `pip install tensorboard tensorboard-plugin-profile`) and a
-`perfetto_trace.json.gz` to open at ui.perfetto.dev. Every traced step is
-marked as a `train` step with its number, so TensorBoard's step-time views
-and Perfetto show where each step begins and ends. Every process of a
-multi-host run writes its own host's file.
+Each process writes its own trace, into
+`WORKDIR/profile/process_<i>/plugins/profile/<date>/` (i: its
+`jax.process_index()`): an `.xplane.pb` for TensorBoard's profile plugin
+(`tensorboard --logdir WORKDIR/profile` lists one run per process, after
+`pip install tensorboard tensorboard-plugin-profile`) and a
+`perfetto_trace.json.gz` to open at ui.perfetto.dev. A folder per process
+because jax's Perfetto writer takes the newest folder under
+`plugins/profile` and expects one trace there: hosts sharing one folder and
+stopping in the same second would collide. jax's profiler writes only local
+files, so on a gs:// workdir the trace is written to a local folder and
+copied in when it stops (`workdir.Mirror`). Every traced step is marked as a
+`train` step with its number, so TensorBoard's step-time views and Perfetto
+show where each step begins and ends.
 
 The window's edges wait for the device: before its first step the previous
 steps finish, and after its last step that step finishes, so the trace holds
@@ -38,9 +44,15 @@ import jax
 
 from perceiver_jax import checks
 from perceiver_jax import errors
+from perceiver_jax.training import workdir as workdir_lib
 
 # Under the workdir; TensorBoard's --logdir for the profile plugin.
 PROFILE_DIR = 'profile'
+
+
+def process_dir(workdir, process_index):
+  """Where process `process_index` writes its trace."""
+  return workdir_lib.path(workdir) / PROFILE_DIR / f'process_{process_index}'
 
 
 def _is_window(value):
@@ -82,14 +94,15 @@ class Profile:
 
     Args:
       config: the run's config (`profile_steps`, `num_epochs`).
-      workdir: the run's workdir; the trace goes to `workdir / 'profile'`.
+      workdir: the run's workdir; the trace goes to `process_dir`.
       steps_per_epoch: train steps per epoch.
 
     Raises:
       errors.InputError: the window ends after the run's last step.
     """
     self.window = window(config)
-    self.log_dir = str(workdir / PROFILE_DIR)
+    self.log_dir = process_dir(workdir, jax.process_index())
+    self._mirror = None  # The local folder jax writes, while tracing.
     self._active = False
     self._done = False
     self._traced = []  # Numbers of the steps traced so far.
@@ -130,7 +143,9 @@ class Profile:
       number = next(numbers)
       if first <= number <= last and not self._active:
         jax.block_until_ready(state)  # Leave the steps before outside.
-        jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
+        self._mirror = workdir_lib.Mirror(self.log_dir)
+        jax.profiler.start_trace(str(self._mirror.local),
+                                 create_perfetto_trace=True)
         self._active = True
       if not self._active:
         return train_step(state, batch, learning_rate)
@@ -148,7 +163,10 @@ class Profile:
     if self._active:
       self._active = False
       self._done = True
-      jax.profiler.stop_trace()
+      try:
+        jax.profiler.stop_trace()
+      finally:
+        self._mirror.close()  # Copies a gs:// workdir's trace in.
       logging.info('Wrote the profile of train steps %d..%d to %s.',
                    self._traced[0], self._traced[-1], self.log_dir)
 

@@ -20,7 +20,6 @@ normalises as before.
 
 import logging
 
-from etils import epath
 import jax
 import numpy as np
 
@@ -138,7 +137,7 @@ def check_source(config):
     errors.InputError: the workdir holds no trained run, or another model.
   """
   source = config.init_from
-  path = epath.Path(source)
+  path = workdir_lib.path(source)
   saved = workdir_lib.read_json(path, workdir_lib.CONFIG)
   if saved is None or not workdir_lib.has_checkpoints(path):
     raise errors.InputError(
@@ -172,9 +171,9 @@ def pretrained_params(config, fresh_params):
   """
   saved = check_source(config)
   source = config.init_from
-  path = epath.Path(source)
+  path = workdir_lib.path(source)
   manager = checkpointing.create_manager(
-      (path / workdir_lib.CHECKPOINTS).resolve(), read_only=True)
+      path / workdir_lib.CHECKPOINTS, read_only=True)
   try:
     restore_best = saved.get('early_stopping', {}).get(
         'restore_best_weights', True)

@@ -1,10 +1,24 @@
-"""The workdir's layout: one name for each file a run writes, and its readers.
+"""The workdir: the name of each file a run writes, and the one way to write.
 
 Training writes these files and the tools read them, so both take the names
-from here. Paths may be local or any filesystem `etils.epath` knows (gs://).
+and the writers from here. A workdir is an `etils.epath.Path` end to end,
+local, NFS or gs:// (epath reaches GCS through `tf.io.gfile`); `path()`
+makes one, and nothing calls `.resolve()` (it turns `gs://b/run` into a
+local `./gs:/b/run`), `open()` or `os.path` on it.
+
+Every write is atomic: readers, and a run resumed after a crash, see the old
+file or the new one, never half of one. Locally that is `NAME.tmp`, then a
+rename; on GCS a single upload is atomic already (an object appears whole
+when its upload ends), and a rename would be a second copy. Libraries that
+write only local files (TensorBoard's event writer, jax's profiler) write
+into a `Mirror`, which copies them in.
 """
 
+import importlib.util
 import json
+import os
+import shutil
+import tempfile
 
 from etils import epath
 import jax
@@ -20,14 +34,115 @@ RESULTS = 'results.json'  # Test metrics of the tested weights.
 CLASS_NAMES = 'class_names.json'  # Written by the tools on first use.
 LEARNING_CURVES = 'learning_curves.png'
 TENSORBOARD = 'tensorboard'
+ATTENTION_MAPS = 'attention_maps.png'  # --mode=attention's default output.
+TMP_SUFFIX = '.tmp'
+
+
+def path(workdir):
+  """`workdir` as an absolute epath.Path; a gs:// one stays as it is.
+
+  (epath's `.absolute()` and `.resolve()` both prefix a gs:// path with the
+  current directory.)
+  """
+  workdir = epath.Path(workdir)
+  return workdir.absolute() if is_local(workdir) else workdir
+
+
+def is_local(file_path):
+  """True for paths of this machine's filesystems (NFS included)."""
+  return '://' not in os.fspath(file_path)
+
+
+def write(file_path, data):
+  """Writes `data` (str or bytes) to `file_path` atomically (module doc)."""
+  file_path = epath.Path(file_path)
+  target = (file_path if not is_local(file_path) else
+            file_path.with_name(file_path.name + TMP_SUFFIX))
+  if isinstance(data, bytes):
+    target.write_bytes(data)
+  else:
+    target.write_text(data)
+  if target != file_path:
+    target.replace(file_path)
+
+
+def write_json(file_path, obj):
+  """Writes `obj` as JSON from process 0 (the others share its workdir)."""
+  if jax.process_index() == 0:
+    write(file_path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
+
+
+def upload(local_file, file_path):
+  """Copies the local file `local_file` to `file_path`, atomically."""
+  file_path = epath.Path(file_path)
+  target = (file_path if not is_local(file_path) else
+            file_path.with_name(file_path.name + TMP_SUFFIX))
+  target.parent.mkdir(parents=True, exist_ok=True)
+  epath.Path(local_file).copy(target, overwrite=True)
+  if target != file_path:
+    target.replace(file_path)
+
+
+class Mirror:
+  """A local folder for libraries that write only local files.
+
+  `local` is where they write; `sync()` copies what is new or changed since
+  the last sync into `dest`, each file atomically (`upload`); `close()`
+  syncs and removes the local copy. For a local `dest`, `local` is `dest`
+  itself and nothing is copied.
+  """
+
+  def __init__(self, dest):
+    self.dest = epath.Path(dest)
+    self._temp = None
+    if is_local(self.dest):
+      self.dest.mkdir(parents=True, exist_ok=True)
+      self.local = self.dest
+    else:
+      self._temp = tempfile.mkdtemp(prefix='perceiver_jax_mirror_')
+      self.local = epath.Path(self._temp)
+    self._synced = {}  # Relative name -> (size, mtime_ns) when copied.
+
+  def sync(self):
+    if self._temp is None:
+      return
+    for root, _, files in os.walk(self._temp):
+      for name in files:
+        local_file = os.path.join(root, name)
+        stat = os.stat(local_file)
+        relative = os.path.relpath(local_file, self._temp)
+        if self._synced.get(relative) != (stat.st_size, stat.st_mtime_ns):
+          upload(local_file, self.dest / relative)
+          self._synced[relative] = (stat.st_size, stat.st_mtime_ns)
+
+  def close(self):
+    if self._temp is not None:
+      self.sync()
+      shutil.rmtree(self._temp, ignore_errors=True)
+      self._temp = None
+
+
+def _check_gcs_client(workdir):
+  """Orbax reaches a gs:// checkpoint folder through google-cloud-storage."""
+  try:
+    found = importlib.util.find_spec('google.cloud.storage') is not None
+  except ModuleNotFoundError:  # No `google.cloud` at all.
+    found = False
+  if not found:
+    raise errors.InputError(
+        f'--workdir={workdir} is on GCS, and orbax writes checkpoints there '
+        'through the google-cloud-storage package, which is not installed; '
+        'run `pip install -r requirements.txt` (it pins the version).')
 
 
 def prepare(workdir):
   """Creates the workdir and proves it writable before any heavy work."""
-  path = epath.Path(workdir)
+  workdir_path = path(workdir)
+  if not is_local(workdir_path):
+    _check_gcs_client(workdir)
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f'.write_test_{jax.process_index()}'
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    probe = workdir_path / f'.write_test_{jax.process_index()}'
     probe.write_text('ok')
     probe.unlink()
   except OSError as e:
@@ -35,20 +150,26 @@ def prepare(workdir):
         f'--workdir={workdir} is not a writable directory ({e.strerror or e}); '
         'pass a path you can write to, e.g. --workdir=/tmp/perceiver_run.'
     ) from e
-  return path
+  return workdir_path
 
 
 def read_json(workdir, name):
   """The JSON file `name` of the workdir, or None when it has none."""
-  path = epath.Path(workdir) / name
-  return json.loads(path.read_text()) if path.exists() else None
+  file_path = epath.Path(workdir) / name
+  return json.loads(file_path.read_text()) if file_path.exists() else None
+
+
+# Orbax's mark of a finished step where it cannot rename a temporary folder
+# into place (GCS): a step folder without it was cut off mid-write.
+COMMIT_SUCCESS = 'commit_success.txt'
 
 
 def has_checkpoints(workdir):
   """True when the workdir holds a finished checkpoint step."""
   directory = epath.Path(workdir) / CHECKPOINTS
-  return directory.exists() and any(p.name.isdigit()
-                                    for p in directory.iterdir())
+  return directory.exists() and any(
+      p.name.isdigit() and (is_local(p) or (p / COMMIT_SUCCESS).exists())
+      for p in directory.iterdir())
 
 
 def stats_arrays(stats):

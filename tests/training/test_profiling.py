@@ -11,18 +11,23 @@ import glob
 import gzip
 import json
 import os
+import subprocess
+import sys
 import types
 
 from configs import fake_data
 import jax
 import jax.numpy as jnp
 import ml_collections
+import portpicker
 import pytest
 
 from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.training import profiling
+from tests.support import ROOT
 from tests.support import run_main
+from tests.support import subprocess_env
 
 
 def _run(workdir, *flags):
@@ -55,9 +60,28 @@ def test_profiled_run_writes_the_window_and_trains_identically(
   proc = _run(tmp_path, '--config.profile_steps=(2, 2)')
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert 'Wrote the profile of train steps 2..3' in proc.stderr
-  assert _traced_steps(tmp_path / profiling.PROFILE_DIR) == [2, 3]
+  assert _traced_steps(profiling.process_dir(tmp_path, 0)) == [2, 3]
   with open(tmp_path / 'history.json', 'rb') as f:
     assert f.read() == reference_history
+
+
+def test_each_process_writes_its_own_trace(tmp_path):
+  """Two jax.distributed processes sharing a workdir stop tracing at once."""
+  port = portpicker.pick_unused_port()
+  env = subprocess_env(devices=1)
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'tests', 'training',
+                                    'profile_worker.py'),
+       str(tmp_path), '2', str(i), str(port)],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  for proc in procs:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+  assert sorted(os.listdir(tmp_path / profiling.PROFILE_DIR)) == [
+      'process_0', 'process_1']
+  for i in range(2):
+    assert _traced_steps(tmp_path / 'profile' / f'process_{i}') == [2, 3]
 
 
 def test_window_past_the_end_fails_before_compiling(tmp_path, monkeypatch):
@@ -106,7 +130,7 @@ def _epochs(profile, steps_per_epoch, num_epochs, fail_at=None):
 def test_window_across_an_epoch_end_is_one_trace(tmp_path):
   profile = profiling.Profile(_config(profile_steps=(3, 3)), tmp_path, 4)
   assert _epochs(profile, 4, 2) == 8
-  assert _traced_steps(tmp_path / profiling.PROFILE_DIR) == [3, 4, 5]
+  assert _traced_steps(profiling.process_dir(tmp_path, 0)) == [3, 4, 5]
 
 
 def test_a_run_failing_inside_the_window_stops_the_trace(tmp_path):
@@ -115,7 +139,7 @@ def test_a_run_failing_inside_the_window_stops_the_trace(tmp_path):
     _epochs(profile, 4, 2, fail_at=4)
   # The trace was stopped and written with the steps that ran; a new one
   # can start (jax allows one at a time).
-  assert _traced_steps(tmp_path / profiling.PROFILE_DIR) == [2, 3]
+  assert _traced_steps(profiling.process_dir(tmp_path, 0)) == [2, 3]
   jax.profiler.start_trace(str(tmp_path / 'again'))
   jax.profiler.stop_trace()
 
@@ -133,18 +157,12 @@ def test_off_leaves_the_step_untouched(tmp_path):
 
 def test_window_checks():
   assert profiling.window(_config(profile_steps=(3, 2))) == (3, 4)
-  assert profiling.Profile(_config(profile_steps=(7, 2)), _Dir(), 4).window
+  unused = '/never/written'  # A workdir the checks never write to.
+  assert profiling.Profile(_config(profile_steps=(7, 2)), unused, 4).window
   with pytest.raises(errors.InputError, match='ends at step 8'):
-    profiling.Profile(_config(profile_steps=(7, 3)), _Dir(), 4)
+    profiling.Profile(_config(profile_steps=(7, 3)), unused, 4)
   for bad in ((0, 2), (2,), (2, -1), (2.0, 3), 'steps 2-3'):
     problems = config_lib.config_problems(_config(profile_steps=bad))
     assert [p for p in problems if p.startswith('config.profile_steps=')], (
         bad, problems)
   assert not config_lib.config_problems(_config(profile_steps=(1, 8)))
-
-
-class _Dir:
-  """A workdir that is never written to."""
-
-  def __truediv__(self, name):
-    return name
