@@ -16,6 +16,10 @@ probability 1/2; evaluation resizes the shorter side to
 `size` x `size`. JPEGs are decoded at the smallest DCT scale that still
 covers the crop (`Image.draft`), which is what makes the decode cheap.
 
+A stored image Pillow cannot decode (a truncated JPEG, bytes that are no
+image) raises `DecodeError`, from the Pillow calls only, so a bug here keeps
+its own type; the caller names the record (`records.py`).
+
 Every random choice is drawn from `numpy.random.default_rng` seeded by
 (seed, epoch, record), so a batch is a pure function of the run's seed,
 epoch and step, whichever worker decodes it.
@@ -27,6 +31,7 @@ import math
 
 import numpy as np
 from PIL import Image
+from PIL import UnidentifiedImageError
 
 from perceiver_jax import checks
 
@@ -42,6 +47,25 @@ AREA_RANGE = (0.08, 1.0)
 ASPECT_RANGE = (3 / 4, 4 / 3)
 _ATTEMPTS = 10  # Random boxes tried before the central fallback.
 _RNG_STREAM = 1  # Keeps these draws apart from the sampler's permutations.
+
+
+class DecodeError(Exception):
+  """Stored image bytes that Pillow cannot decode; the message says why."""
+
+
+def _decoded(call, *args):
+  """`call(*args)`, a Pillow call that parses or decodes the stored bytes.
+
+  Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
+  on malformed data, and only Pillow's call is inside this `try`.
+  """
+  try:
+    return call(*args)
+  except UnidentifiedImageError:  # Its message names a BytesIO object.
+    raise DecodeError('not an image (Pillow knows no format of its bytes)'
+                      ) from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise DecodeError(f'{type(e).__name__}: {e}') from None
 
 
 def moment_sums(images, channels):
@@ -94,6 +118,7 @@ def _crop_resized(image, box, size):
   if image.format == 'JPEG':
     image.draft(image.mode, (math.ceil(width * size / w),
                              math.ceil(height * size / h)))
+  _decoded(image.load)
   sx, sy = image.size[0] / width, image.size[1] / height
   return image.resize(
       (size, size), Image.Resampling.BILINEAR,
@@ -118,11 +143,18 @@ class HostTransform:
   eval_crop_fraction: float = 0.875
 
   def _open(self, data):
-    image = Image.open(io.BytesIO(data))
+    """The image, its header read (JPEGs: not decoded, so they can draft)."""
+    image = _decoded(Image.open, io.BytesIO(data))
     mode = 'L' if self.channels == 1 else 'RGB'
     if image.mode != mode and image.format != 'JPEG':
-      image = image.convert(mode)  # Draft first for JPEGs, then convert.
+      image = _decoded(image.convert, mode)  # JPEGs: draft, then convert.
     return image, mode
+
+  def decode(self, data):
+    """The whole stored image, decoded at full size (uint8 `[h, w, c]`)."""
+    image, mode = self._open(data)
+    _decoded(image.load)
+    return self._array(image, mode)
 
   def _array(self, image, mode):
     if image.mode != mode:
@@ -138,9 +170,11 @@ class HostTransform:
       side = self.eval_crop_fraction * min(width, height)
       box = ((width - side) / 2, (height - side) / 2, side, side)
       image = _crop_resized(image, box, self.height)
-    elif (width, height) != (self.width, self.height):
-      image = image.resize((self.width, self.height),
-                           Image.Resampling.BILINEAR)
+    else:
+      _decoded(image.load)
+      if (width, height) != (self.width, self.height):
+        image = image.resize((self.width, self.height),
+                             Image.Resampling.BILINEAR)
     return self._array(image, mode)
 
   def train(self, data, seed, epoch, record):
