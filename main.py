@@ -132,7 +132,9 @@ def _exit_with_paragraph(error):
 
 def _check_data():
   """--mode=check_data: jax devices untouched, status 1 on a bad record."""
-  from perceiver_jax.tools import check_data  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from perceiver_jax.tools import check_data
+  # pylint: enable=g-import-not-at-top
   try:
     good = check_data.run(FLAGS.config)
   except errors.InputError as e:

@@ -144,8 +144,10 @@ def prepare(config) -> None:
   builder(config)  # Validate before anyone downloads.
   if config.mock_data:
     return
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.experimental import multihost_utils
+  # pylint: enable=g-import-not-at-top
   if jax.process_index() == 0:
     _download_and_prepare(config)
   if jax.process_count() > 1:

@@ -56,7 +56,7 @@ def _read_tfrecord(data_builder, where, start, stop, info):
     except tf.errors.InvalidArgumentError as e:
       raise errors.InputError(
           f'A record among {start}..{stop - 1} of tfds split '
-          f'{where.tfds_split!r} of dataset {where.dataset!r} (our '
+          f'{where.tfds_split!r} of dataset {where.dataset!r} (read for the '
           f'{where.split} split) does not decode ({e.message.splitlines()[0]}'
           '). The dataset is prepared as TFRecord, which cannot name it: '
           'convert it to ArrayRecord (`tfds convert_format '

@@ -229,10 +229,6 @@ class StreamingStorage:
     epoch = self._epoch
     return self._pool.get(key, lambda: self._plan.after(key, epoch))
 
-  def worker_pids(self):
-    """The worker processes' ids (none before the first batch)."""
-    return [] if self._pool is None else self._pool.worker_pids()
-
   def train_batch(self, epoch, step):
     return self._reader(('train', epoch * self._sampler.steps_per_epoch +
                          step))

@@ -277,9 +277,6 @@ class Pool:
         self, _shutdown, self._workers, self._tasks, self._results,
         self._generation, self._prefix)
 
-  def worker_pids(self):
-    return [w.pid for w in self._workers]
-
   def get(self, key, upcoming=tuple):
     """`loader(key)`, from a worker; `upcoming()` gives the keys expected
     after `key`, loaded ahead while they are (called only when `key` was
