@@ -18,14 +18,16 @@ are served by the same `num_workers` processes.
   `buffer_bytes` is the most the directory holds at once.
 * Exit. Workers are spawned, not forked (the main process runs jax's
   threads); they import this module, numpy and what the loader's pickle
-  names, never jax. `close()` stops them; a worker also exits by itself
-  within `PARENT_POLL_S` of the main process dying, even by SIGKILL, and
-  removes the files nobody mapped.
+  names, never jax. `close()` stops them, as does the main process's exit;
+  a worker also exits by itself within `PARENT_POLL_S` of the main process
+  dying, even by SIGKILL, and removes the files nobody mapped. SIGTERM and
+  SIGINT do not stop them: the main process decides.
 * Errors. An exception in `loader(key)` is raised by `get` in the main
   process as itself (an `InputError` keeps its one paragraph), with the
   worker's traceback as its cause.
 """
 
+import atexit
 import collections
 import dataclasses
 import errno
@@ -34,9 +36,11 @@ import itertools
 import math
 import mmap
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import queue
+import signal
 import tempfile
 import threading
 import time
@@ -55,6 +59,16 @@ _ALIGN = 64
 _POLL_S = 1.0  # How often a waiting `get` checks that the workers live.
 _STOP_S = 10.0  # How long `close` waits before killing a worker.
 _pool_ids = itertools.count()
+_open_pools = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_pools():
+  """Closes pools left open at exit. Registered after `multiprocessing.util`
+  is imported, so it runs before multiprocessing's own exit handler, which
+  would SIGTERM (ignored by the workers) and then wait for them."""
+  for pool in list(_open_pools):
+    pool.close()
 
 
 def buffer_dir():
@@ -192,7 +206,14 @@ def _exit_with_parent(parent, prefix):
 
 
 def _serve(loader_blob, tasks, results, generation, prefix):
-  """A worker's life: load each task's key and hand the result back."""
+  """A worker's life: load each task's key and hand the result back.
+
+  The main process decides when its workers stop (`close`, its exit, its
+  death): a SIGTERM or Ctrl-C sent to the whole process group (a preempted
+  VM, a terminal) must not end them while it finishes a step and saves.
+  """
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   _exit_with_parent(os.getppid(), prefix)
   loader = pickle.loads(loader_blob)
   for task_generation, seq, key in iter(tasks.get, None):
@@ -276,6 +297,7 @@ class Pool:
     self._close = weakref.finalize(
         self, _shutdown, self._workers, self._tasks, self._results,
         self._generation, self._prefix)
+    _open_pools.add(self)
 
   def get(self, key, upcoming=tuple):
     """`loader(key)`, from a worker; `upcoming()` gives the keys expected
@@ -340,3 +362,4 @@ class Pool:
     self._ahead.clear()
     self._done.clear()
     self._close()
+    _open_pools.discard(self)

@@ -12,6 +12,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import psutil
@@ -137,6 +138,12 @@ def test_workers_exit_when_the_training_process_is_killed(tiny_jpegs):
     assert line.startswith('workers'), child.stderr.read()[-3000:]
     workers = [psutil.Process(int(pid)) for pid in line.split()[1:]]
     assert len(workers) == 2
+    # A SIGTERM to the whole process group (a preempted VM) leaves them to
+    # the training process, which saves a checkpoint first.
+    for worker in workers:
+      worker.terminate()
+    time.sleep(1)
+    assert all(w.status() != psutil.STATUS_ZOMBIE for w in workers)
     child.kill()
     child.wait()
     _, alive = psutil.wait_procs(workers, timeout=5)
