@@ -343,7 +343,8 @@ class Pool:
           raise RuntimeError(
               f'Data worker process {worker.pid} ended unexpectedly (exit '
               f'code {worker.exitcode}; negative: killed by that signal, '
-              'e.g. -9 by the out-of-memory killer).')
+              'e.g. -9 by the out-of-memory killer). Its own error, if it '
+              'had one, is printed above.')
       return
     if generation != self._generation.value:
       _discard(stored)  # Cancelled.
