@@ -7,15 +7,15 @@ record (`data_source`); datasets prepared earlier as TFRecord are read by
 the in-memory storage through tf.data. Datasets that need a manual download
 (ImageNet) say which files go where, and the command to prepare them.
 
-Importing this module imports neither tensorflow (tfds loads it lazily) nor
-jax (`prepare` imports it when it runs): the streaming worker processes
-import it, through `streaming.py`, and must not load jax.
+Importing this module does not import tensorflow (tfds loads it lazily).
 """
 
 import dataclasses
 import difflib
 
 from etils import epath
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -144,10 +144,6 @@ def prepare(config) -> None:
   builder(config)  # Validate before anyone downloads.
   if config.mock_data:
     return
-  # pylint: disable=g-import-not-at-top
-  import jax
-  from jax.experimental import multihost_utils
-  # pylint: enable=g-import-not-at-top
   if jax.process_index() == 0:
     _download_and_prepare(config)
   if jax.process_count() > 1:

@@ -3,8 +3,9 @@
 Everything after a fixed-shape uint8 batch (normalisation, flips and zooms of
 the seed, RandAugment, MixUp/CutMix) runs on the device (`augment.py`);
 what cannot (decoding, cropping images of varying size) runs here, in the
-input workers, with Pillow and numpy only: no tensorflow, no jax, so worker
-processes start quickly and never touch `jax.distributed`.
+input workers, with Pillow and numpy only (no tensorflow, no jax): nothing
+here asks for a device, so the workers never initialise a jax backend or
+`jax.distributed`.
 
 `crop='none'`: the image as stored (resized whole to `size` x `size`, with
 Pillow's bilinear filter, when the dataset's images vary in size).

@@ -8,7 +8,7 @@ where the dataset stores one, its `file_name` (imagenet2012 does), and says
 what to do. It is an `InputError`, so `main.py` prints it as one paragraph,
 and it pickles, so it reaches the training process from a worker intact.
 
-No jax, no tensorflow: the streaming workers import it.
+No jax, no tensorflow: the streaming workers run it and ask for no device.
 """
 
 import dataclasses

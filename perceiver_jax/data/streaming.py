@@ -1,38 +1,43 @@
 """Streaming storage: records read from ArrayRecord files as batches are needed.
 
-For data larger than host memory (ImageNet: 1.28M JPEGs, ~140 GB). Worker
-processes (`workers.Pool`) read the records of whole batches through `tfds`
-random access, decode and crop them (`host_transforms`) and hand back uint8
-arrays, in order. Which records form a batch is decided by the
-`sampler.Sampler`, a pure function of (seed, epoch, step), so a resumed run
-needs no iterator state and 2 processes x 2 devices read what 1 x 4 reads.
-Host memory stays bounded by the batches in flight, whatever the dataset's
-size.
+For data larger than host memory (ImageNet: 1.28M JPEGs, ~140 GB). grain's
+worker processes (`grain_workers.py`) read the records of whole batches
+through `tfds` random access, decode and crop them (`host_transforms`) and
+hand back uint8 arrays, in order. Which records form a batch is decided by
+the `sampler.Sampler`, a pure function of (seed, epoch, step), so a resumed
+run needs no iterator state and 2 processes x 2 devices read what 1 x 4
+reads. Host memory stays bounded by the batches in flight, whatever the
+dataset's size.
 
-One pool serves the whole run: training, every validation pass, the test
-and the statistics. Each request is a key (`_Reader.__call__`); the pool
-reads ahead the keys a training run asks for next (`_Plan`: the rest of
-the epoch, its validation pass, the next epoch, ..., the test), so an epoch
-flows into its validation and back without a pause, and anything else (a
-resumed run, early stopping) costs only the read-ahead. Workers import this
-module, numpy, Pillow and tfds, never jax (so never `jax.distributed`).
+Every request is a key (`_Reader.__call__`). One set of workers at a time
+serves the run: one grain iterator over the keys the run is expected to ask
+for from the first one (`_Plan`: the rest of the epoch, its validation
+pass, the next epochs with theirs, the test), so an epoch flows into its
+validation and back without new processes. A key the plan did not predict
+(the test after early stopping, a resumed run) closes that iterator and
+opens one from it. The statistics, before training, have their own
+iterator, closed before the run's opens.
 
-The workers' results wait in shared memory (`/dev/shm`); `worker_count`
+The batches in flight wait in shared memory (`/dev/shm`); `worker_count`
 checks there is room for them before anything is compiled.
 """
 
+import bisect
 import dataclasses
+import functools
+import itertools
 import logging
 from typing import Any
 
+import grain
 import numpy as np
 
 from perceiver_jax import errors
 from perceiver_jax.data import datasets
+from perceiver_jax.data import grain_workers
 from perceiver_jax.data import host_transforms
 from perceiver_jax.data import records
 from perceiver_jax.data import splits as splits_lib
-from perceiver_jax.data import workers as workers_lib
 
 _STATS_CHUNK = 64  # Training records per statistics task.
 
@@ -44,28 +49,30 @@ def _size(n):
 
 
 def worker_count(requested, automatic, batch_bytes, free, directory):
-  """The workers to start, given `free` bytes in the buffer `directory`.
+  """The workers to start, given `free` bytes in the shared memory
+  `directory` (None: unknown, nothing checked).
 
   Args:
     requested: workers wanted (`storage.num_workers`).
     automatic: whether that was `data_workers=-1`: then fewer workers are
       started when not all fit (and it is logged); when set by hand, or when
       not even one fits, an InputError says what to change.
-    batch_bytes: bytes of one of this process's batches.
-    free: free bytes in `directory` (`workers.free_bytes`).
-    directory: where the results wait (`workers.buffer_dir`).
+    batch_bytes: shared memory one of this process's batches takes
+      (`grain_workers.page_bytes` of each array, summed).
+    free: free bytes in `directory` (`grain_workers.free_bytes`).
+    directory: where grain's shared memory lives.
   """
-  if not requested or workers_lib.buffer_bytes(requested, batch_bytes) <= free:
+  need = grain_workers.buffer_bytes(requested, batch_bytes)
+  if not requested or free is None or need <= free:
     return requested
   fits = requested
-  while fits and workers_lib.buffer_bytes(fits, batch_bytes) > free:
+  while fits and grain_workers.buffer_bytes(fits, batch_bytes) > free:
     fits -= 1
-  need = workers_lib.buffer_bytes(requested, batch_bytes)
   why = (f'{requested} streaming workers (config.data_workers) need up to '
          f'{_size(need)} in {directory} for the batches in flight '
-         f'({workers_lib.RESULTS_PER_WORKER} per worker and '
-         f'{workers_lib.HELD_RESULTS} in use, {_size(batch_bytes)} each), and '
-         f'it has {_size(free)} free')
+         f'({grain_workers.IN_FLIGHT_PER_WORKER} per worker and '
+         f'{grain_workers.HELD} in use, {_size(batch_bytes)} each), and it '
+         f'has {_size(free)} free')
   if automatic and fits:
     logging.warning('%s: starting %d workers instead. For all of them give it '
                     'more room (a container: docker run --shm-size=%dg).',
@@ -80,8 +87,32 @@ def worker_count(requested, automatic, batch_bytes, free, directory):
 
 
 @dataclasses.dataclass(frozen=True)
+class _Keys:
+  """A sequence of keys, lazily: `segments` of (kind, first, stop) stand
+  for (kind, first), ..., (kind, stop - 1). Pickled to each worker (grain's
+  `MapDataset.source`), so it stays small however long the run."""
+  segments: tuple
+
+  @functools.cached_property
+  def _ends(self):
+    return tuple(itertools.accumulate(stop - first
+                                      for _, first, stop in self.segments))
+
+  def __len__(self):
+    return self._ends[-1] if self.segments else 0
+
+  def __getitem__(self, i):
+    ends = self._ends
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    k = bisect.bisect_right(ends, i)
+    kind, first, stop = self.segments[k]
+    return kind, first + i - (ends[k] - (stop - first))
+
+
+@dataclasses.dataclass(frozen=True)
 class _Plan:
-  """The keys a training run asks for, in order (main process only)."""
+  """The keys a training run asks for, in order."""
   steps_per_epoch: int
   num_epochs: int
   validation_steps: int
@@ -89,27 +120,42 @@ class _Plan:
 
   def _epoch(self, epoch, first_step=0):
     spe = self.steps_per_epoch
-    yield from (('train', epoch * spe + s) for s in range(first_step, spe))
-    yield from (('validation', j) for j in range(self.validation_steps))
+    return [('train', epoch * spe + first_step, (epoch + 1) * spe),
+            ('validation', 0, self.validation_steps)]
 
-  def after(self, key, epoch):
-    """The keys expected after `key`; `epoch`: that of the last training
+  def keys_from(self, key, epoch):
+    """The keys from `key` on (`_Keys`); `epoch`: that of the last training
     batch asked for (None: none yet), which a validation pass follows."""
     kind, n = key
+    segments = []
     if kind == 'train':
       epoch, step = divmod(n, self.steps_per_epoch)
-      yield from self._epoch(epoch, step + 1)
+      segments += self._epoch(epoch, step)
     elif kind == 'validation':
-      yield from (('validation', j)
-                  for j in range(n + 1, self.validation_steps))
-      if epoch is None:
-        return
-    if kind in ('train', 'validation'):
+      segments.append(('validation', n, self.validation_steps))
+    if kind == 'train' or (kind == 'validation' and epoch is not None):
       for e in range(epoch + 1, self.num_epochs):
-        yield from self._epoch(e)
-      n = -1
-    if kind in ('train', 'validation', 'test'):
-      yield from (('test', j) for j in range(n + 1, self.test_steps))
+        segments += self._epoch(e)
+      n = 0
+    if kind != 'validation' or epoch is not None:
+      segments.append(('test', n, self.test_steps))
+    return _Keys(tuple(s for s in segments if s[2] > s[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunks:
+  """Statistics keys: ('stats', up to `_STATS_CHUNK` training record
+  indices) covering `indices`; a small sequence to pickle to the workers."""
+  indices: np.ndarray
+
+  def __len__(self):
+    return -(-len(self.indices) // _STATS_CHUNK)
+
+  def __getitem__(self, i):
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    chunk = self.indices[i * _STATS_CHUNK:(i + 1) * _STATS_CHUNK]
+    return 'stats', tuple(int(j) for j in chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,8 +230,22 @@ class _Reader:
     return sums
 
 
+class _Run:
+  """The run's grain iterator over `keys`, and how far it has come."""
+
+  def __init__(self, keys, iterator):
+    self.keys, self.iterator, self.position = keys, iterator, 0
+
+  def expects(self, key):
+    return self.position < len(self.keys) and self.keys[self.position] == key
+
+  def next(self):
+    self.position += 1
+    return next(self.iterator)
+
+
 class StreamingStorage:
-  """Batches read, decoded and cropped by worker processes.
+  """Batches read, decoded and cropped by grain worker processes.
 
   Args:
     data_builder: the tfds builder (prepared as ArrayRecord).
@@ -210,24 +270,42 @@ class StreamingStorage:
                        sampler.num_eval_steps('validation'),
                        sampler.num_eval_steps('test'))
     self._epoch = None  # Of the last training batch asked for.
-    self._pool = None
+    self._run = None
     if num_workers:
       rows = sampler.per_shard_batch * len(sampler.shard_indices)
-      # uint8 images, int32 labels, float32 masks.
-      batch_bytes = rows * (transform.height * transform.width *
-                            transform.channels + 8)
-      directory = workers_lib.buffer_dir()
+      # An evaluation batch: uint8 images, int32 labels, float32 masks.
+      batch_bytes = (grain_workers.page_bytes(
+          rows * transform.height * transform.width * transform.channels)
+                     + 2 * grain_workers.page_bytes(4 * rows))
       num_workers = worker_count(num_workers, automatic, batch_bytes,
-                                 workers_lib.free_bytes(directory), directory)
-      self._pool = workers_lib.Pool(self._reader, num_workers)
+                                 grain_workers.free_bytes(),
+                                 grain_workers.SHM_DIR)
+    self._num_workers = num_workers
+
+  def _iterate(self, keys):
+    return grain_workers.open_iterator(
+        grain.MapDataset.source(keys).map(self._reader),
+        min(self._num_workers, len(keys)))
+
+  def _close_run(self):
+    if self._run is not None:
+      grain_workers.close(self._run.iterator)
+      self._run = None
 
   def _get(self, key):
-    if self._pool is None:
+    if not self._num_workers:
       return self._reader(key)
     if key[0] == 'train':
       self._epoch = key[1] // self._sampler.steps_per_epoch
-    epoch = self._epoch
-    return self._pool.get(key, lambda: self._plan.after(key, epoch))
+    if self._run is None or not self._run.expects(key):
+      self._close_run()  # Never two sets of workers at once.
+      keys = self._plan.keys_from(key, self._epoch)
+      self._run = _Run(keys, self._iterate(keys))
+    try:
+      return self._run.next()
+    except Exception:
+      self._close_run()  # A worker's error ends its iterator.
+      raise
 
   def train_batch(self, epoch, step):
     return self._reader(('train', epoch * self._sampler.steps_per_epoch +
@@ -246,17 +324,17 @@ class StreamingStorage:
   def stats_sums(self, positions: np.ndarray):
     """Summed `_Reader.stats_sums` over the training records at `positions`
     (within the split), in chunks read by the workers."""
-    flat = self._sampler.tfds_indices('train', positions)
-    keys = [('stats', tuple(int(i) for i in flat[i:i + _STATS_CHUNK]))
-            for i in range(0, len(flat), _STATS_CHUNK)]
-    results = (self._reader(key) for key in keys) if self._pool is None else (
-        self._pool.map(keys))
+    keys = _Chunks(self._sampler.tfds_indices('train', positions))
     total = np.zeros((3, self._reader.transform.channels), np.float64)
-    for sums in results:
-      total += sums
+    self._close_run()  # Never two sets of workers at once.
+    iterator = self._iterate(keys)
+    try:
+      for sums in iterator:
+        total += sums
+    finally:
+      grain_workers.close(iterator)
     return total
 
   def close(self):
     """Stops the workers and frees their shared memory."""
-    if self._pool is not None:
-      self._pool.close()
+    self._close_run()

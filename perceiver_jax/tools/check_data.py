@@ -6,29 +6,33 @@ A damaged record (a truncated JPEG, a file that is no image) stops a run
 when it is first read, which may be days in. This reads, before the run,
 every record of the splits the config uses: tfds 'train' (our training and
 validation splits, `data/splits.py`) and `config.test_split`, and decodes
-each image at full size as the input workers would, on every CPU this
-process may use (`storage.usable_cpus`), with a progress bar. It prints
-each record that does not decode (our split, tfds split, index, file_name
-where the dataset has one, the decoder's error) or that all N decode;
-`main.py` exits with status 1 when any does not.
+each image at full size as the input workers would, in grain worker
+processes on every CPU this process may use (`storage.usable_cpus`), with
+a progress bar. It prints each record that does not decode (our split,
+tfds split, index, file_name where the dataset has one, the decoder's
+error) or that all N decode; `main.py` exits with status 1 when any does
+not.
 
-It needs no accelerator: it never starts a jax backend (jax is imported
-only by the config checks), so it runs beside a training job or on a
-machine without one. The dataset must be prepared as ArrayRecord.
+It needs no accelerator: neither this process nor its workers start a jax
+backend (they import jax, through the config checks and grain, but never
+ask for a device), so it runs beside a training job or on a machine
+without one. The dataset must be prepared as ArrayRecord.
 """
 
 import dataclasses
 import sys
 from typing import Any
 
+import grain
+
 from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.data import datasets
+from perceiver_jax.data import grain_workers
 from perceiver_jax.data import host_transforms
 from perceiver_jax.data import records
 from perceiver_jax.data import splits as splits_lib
 from perceiver_jax.data import storage
-from perceiver_jax.data import workers as workers_lib
 
 RECORDS_PER_TASK = 256
 
@@ -117,19 +121,21 @@ def check(config, num_workers=None, progress=True):
                                     info.channels))
   keys = [(t, a, min(a + RECORDS_PER_TASK, n)) for t, n in sizes.items()
           for a in range(0, n, RECORDS_PER_TASK)]
-  pool = workers_lib.Pool(checker, num_workers or storage.usable_cpus())
+  workers = min(num_workers or storage.usable_cpus(), len(keys))
+  iterator = grain_workers.open_iterator(
+      grain.MapDataset.source(keys).map(checker), workers)
   bad = []
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   try:
     with tqdm.tqdm(total=sum(sizes.values()), unit=' records',
                    desc=f'Decoding {builder.name}', disable=not progress,
                    file=sys.stderr) as bar:
-      for (t, start, stop), found in zip(keys, pool.map(keys)):
+      for (t, start, stop), found in zip(keys, iterator):
         bad += [BadRecord(_our_split(ranges, t, i), t, i, name, error)
                 for i, name, error in found]
         bar.update(stop - start)
   finally:
-    pool.close()
+    grain_workers.close(iterator)
   return bad, sum(sizes.values())
 
 

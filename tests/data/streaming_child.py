@@ -1,4 +1,5 @@
-"""Streams tiny JPEGs with two workers, prints their ids, waits to be killed.
+"""Streams tiny JPEGs with two grain workers, prints their ids, waits to be
+killed.
 
   python tests/data/streaming_child.py DATA_DIR
 
@@ -29,6 +30,7 @@ def main(data_dir):
   pipeline = input_pipeline.Pipeline(config, num_shards=1, shard_indices=[0])
   batches = pipeline.train_batches(0, 0)
   next(batches)
+  next(batches)  # Each worker has served a batch: both have started.
   workers = [p.pid for p in psutil.Process().children()
              if 'spawn_main' in ' '.join(p.cmdline())]
   print('workers', *workers, flush=True)
