@@ -7,7 +7,7 @@ dataset in ArrayRecord files and measures:
   * the host transforms alone, in this process on one core: decode +
     Inception crop + flip (train) and decode + resize + centre crop (eval),
     images/s;
-  * the streaming `Pipeline` with 1..N worker processes: images/s;
+  * the streaming `Pipeline` with 1..N grain worker processes: images/s;
   * the cores one accelerator needs to feed the Perceiver paper's ImageNet
     model (configs/imagenet_perceiver.py), from its analytic FLOP count
     (benchmarks/flops.py), a peak and an assumed MFU (both flags: nothing
