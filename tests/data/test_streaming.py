@@ -173,11 +173,11 @@ def test_two_workers_serve_the_in_process_batches_in_order(tiny_jpegs):
 
 def _segments(size):
   """grain's shared memory segments of `size` bytes."""
-  found = []
+  found = set()
   for path in glob.glob(os.path.join(grain_workers.SHM_DIR, 'psm_*')):
     try:
       if os.path.getsize(path) == size:
-        found.append(path)
+        found.add(path)
     except OSError:  # Freed meanwhile.
       pass
   return found
@@ -187,19 +187,21 @@ def test_workers_hold_the_batches_the_shared_memory_check_counts(tiny_jpegs):
   # Images of 13 x 13: 8 of them take 4,056 bytes, a size no other test's
   # arrays have.
   size = 8 * 13 * 13 * 3
-  assert not _segments(size)
+  before = _segments(size)
   with _jpegs(tiny_jpegs, data_workers=2, image_size=13) as pipeline:
     held = next(pipeline.train_batches(0, 0))
     assert held['image'].nbytes == size
     want = grain_workers.IN_FLIGHT_PER_WORKER * 2 + 1
     deadline = time.monotonic() + 120
-    while len(_segments(size)) < want and time.monotonic() < deadline:
+    while (len(_segments(size) - before) < want and
+           time.monotonic() < deadline):
       time.sleep(0.2)
     time.sleep(2)  # Had they room for more, they would take it by now.
-    assert len(_segments(size)) == want
-  assert len(_segments(size)) == 1  # Closed: all freed but the one held.
+    assert len(_segments(size) - before) == want
+  # Closed: all freed but the one held.
+  assert len(_segments(size) - before) == 1
   del held
-  assert not _segments(size)
+  assert not _segments(size) - before
 
 
 def test_workers_exit_when_the_training_process_is_killed(tiny_jpegs):
