@@ -1,5 +1,4 @@
-"""Streams tiny JPEGs with two grain workers, prints their ids, waits to be
-killed.
+"""Streams tiny JPEGs with two grain workers, prints their ids, awaits a kill.
 
   python tests/data/streaming_child.py DATA_DIR
 

@@ -24,11 +24,11 @@ import pytest
 from configs import fake_data
 from perceiver_jax import config_lib
 from perceiver_jax import errors
+from perceiver_jax.data import grain_workers
 from perceiver_jax.data import host_transforms
 from perceiver_jax.data import input_pipeline
 from perceiver_jax.data import records
 from perceiver_jax.data import streaming
-from perceiver_jax.data import grain_workers
 from tests.data import tfds_fixtures
 from tests.data import worker_probe
 from tests.support import ROOT
@@ -221,7 +221,8 @@ def test_workers_exit_when_the_training_process_is_killed(tiny_jpegs):
     descendants = psutil.Process(child.pid).children(recursive=True)
     assert len(descendants) == 3
     with open(f'/proc/{child.pid}/maps') as f:
-      mapped = {line.split()[-1] for line in f if '/dev/shm/psm_' in line}
+      mapped = {word for line in f for word in line.split()
+                if word.startswith('/dev/shm/psm_')}
     assert mapped  # The batch it holds, those read ahead for it.
     child.kill()
     child.wait()
