@@ -25,11 +25,9 @@ max-pool (a 55 x 55 grid for 224 x 224 images, haiku's SAME gives 56 x 56:
 `conv_stem_padding='huggingface'`).
 """
 
-import jax
 import numpy as np
 
 from perceiver_jax import errors
-from perceiver_jax.model import perceiver
 
 # HuggingFace's architecture -> (variant, model fields it fixes). Their
 # preprocessors hard-code these sizes (modeling_perceiver.py).
@@ -270,6 +268,9 @@ def name_table(num_layers):
 
 def expected_shapes(config, num_classes):
   """`{path: shape}` of the parameters of the model `config` builds."""
+  # Here, so configs can read `config_fields` without importing jax.
+  import jax  # pylint: disable=g-import-not-at-top
+  from perceiver_jax.model import perceiver  # pylint: disable=g-import-not-at-top
   model = perceiver.create_model(config, num_classes)
   image = np.zeros((1, config.image_size, config.image_size, 3), np.float32)
   shapes = jax.eval_shape(

@@ -240,6 +240,11 @@ class FrozenBatchNorm(nn.Module):
         bias.astype(self.dtype))
 
 
+def has_frozen_parameters(preprocessor):
+  """Whether the model `preprocessor` builds has `frozen_mask` leaves."""
+  return preprocessor == 'conv'
+
+
 def frozen_mask(params):
   """True for the leaves no optimiser may change (`FrozenBatchNorm`'s
   statistics), False for the others."""
