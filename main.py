@@ -14,6 +14,10 @@ Tools on a trained workdir (its saved config; --config is not needed):
   python main.py --mode=predict --workdir=DIR --images=a.png,b.jpg
   python main.py --mode=attention --workdir=DIR --num_images=8 --output=a.png
 
+Another implementation's weights as a workdir the tools and
+`--config.init_from` use (HuggingFace's Perceiver IO classifiers):
+  python main.py --mode=import --source=HF_FOLDER --workdir=DIR
+
 Python 3.11 or later. `--help` and flag errors come back at once: jax and
 tensorflow are imported only once the flags are valid.
 """
@@ -62,11 +66,18 @@ flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints and logs (local, NFS or '
     f'gs://). Default: {RUNS_DIR}/<config name> under the current directory.')
 flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval', 'predict', 'attention'],
+    'mode', 'train', ['train', 'eval', 'predict', 'attention', 'import'],
     'train: train and test. eval: test the weights training tested (the '
     'early-stopping best with restore_best_weights, else the last). '
     'predict: top-5 classes of --images. attention: cross-attention maps of '
-    '--num_images test images, written to --output.')
+    '--num_images test images, written to --output. import: write the '
+    'workdir of the checkpoint at --source.')
+flags.DEFINE_string(
+    'source', None, '--mode=import: a HuggingFace checkpoint folder '
+    '(config.json with model.safetensors or pytorch_model.bin) of a '
+    'Perceiver IO image classifier. --config, if given, is the config '
+    'whose data and recipe fields the workdir keeps (default '
+    'configs/imagenet_perceiver_io.py).')
 flags.DEFINE_list('images', [], '--mode=predict: image files (PNG, JPEG, '
                   '...), comma-separated; they may also follow the flags.')
 flags.DEFINE_integer('num_images', 8, '--mode=attention: test images (rows).')
@@ -119,6 +130,16 @@ def _run_tool(workdir, argv):
                        overrides=overrides)
 
 
+def _run_import(workdir):
+  """--mode=import: the checkpoint at --source as a workdir."""
+  # pylint: disable=g-import-not-at-top
+  from configs import imagenet_perceiver_io
+  from perceiver_jax.convert import importer
+  # pylint: enable=g-import-not-at-top
+  base = FLAGS.config or imagenet_perceiver_io.get_config()
+  importer.import_checkpoint(FLAGS.source, workdir, base)
+
+
 def _config_file():
   """The --config file's path (any `:argument` suffix removed), or None."""
   if FLAGS.config is None:
@@ -159,6 +180,9 @@ def main(argv):
   if FLAGS.mode == 'train' and FLAGS.config is None:
     raise app.UsageError('--config is required to train, e.g. '
                          '--config=configs/cifar100.py.')
+  if FLAGS.mode == 'import' and not (FLAGS.source and FLAGS.workdir):
+    raise app.UsageError('--mode=import needs --source=CHECKPOINT_FOLDER and '
+                         '--workdir=DIR (a new one).')
   workdir = _workdir()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Before the JAX backend starts its threads.
@@ -179,6 +203,8 @@ def main(argv):
   try:
     if FLAGS.mode == 'train':
       loop.train_and_evaluate(FLAGS.config, workdir)
+    elif FLAGS.mode == 'import':
+      _run_import(workdir)
     else:
       _run_tool(workdir, argv)
   except preemption.Preempted as e:
