@@ -48,8 +48,11 @@ def _hf_model(variant, seed=0):
   torch.manual_seed(seed)
   model = getattr(transformers, name)(config).eval()
   with torch.no_grad():
-    for _, p in model.named_parameters():
-      p.add_(0.2 * torch.randn_like(p))
+    for name, p in model.named_parameters():
+      # The latents and the decoder's query keep their init (stddev 0.02):
+      # LayerNorms of such small inputs show their epsilon.
+      if not name.endswith(('latents', 'position_embeddings')):
+        p.add_(0.2 * torch.randn_like(p))
     for name, b in model.named_buffers():
       if name.endswith('running_mean'):
         b.normal_()
@@ -115,8 +118,9 @@ def _logits(source, images):
 def _assert_parity(ours, theirs):
   scale = np.abs(theirs).max()
   assert scale > 0.1
-  assert np.abs(ours - theirs).max() <= 1e-5 * scale, (
-      np.abs(ours - theirs).max() / scale)
+  error = np.abs(ours - theirs).max() / scale
+  print(f'max |ours - HuggingFace\'s| / max |HuggingFace\'s| = {error:.2g}')
+  assert error <= 1e-5, error
 
 
 @pytest.mark.parametrize('variant', list(VARIANTS))
