@@ -18,6 +18,7 @@ from perceiver_jax import errors
 from perceiver_jax.convert import importer
 from perceiver_jax.data import host_transforms
 from perceiver_jax.tools import attention_maps
+from perceiver_jax.tools import evaluate
 from perceiver_jax.tools import predict
 from perceiver_jax.tools import trained as trained_lib
 from perceiver_jax.training import experiment
@@ -169,3 +170,20 @@ def test_a_workdir_with_checkpoints_or_an_unknown_source_is_refused(
     importer.import_checkpoint(str(workdir), str(workdir), base)
   with pytest.raises(errors.InputError, match='is not a checkpoint this'):
     importer.import_checkpoint(str(tmp_path), str(tmp_path / 'new'), base)
+
+
+def test_eval_runs_on_an_import_with_a_mock_data_config(hf_model, tmp_path,
+                                                        capsys):
+  """--mode=eval's code path on the import, with the :test config's mock
+  ImageNet as the base config (its data fields), 16 x 16 images."""
+  _, folder = hf_model
+  path = tmp_path / 'run'
+  config = importer.import_checkpoint(
+      str(folder), str(path), imagenet_perceiver_io.get_config('test'),
+      image_size=16)
+  assert config.mock_data and config.image_size == 16
+  evaluated = evaluate.run(str(path))
+  out = capsys.readouterr().out
+  assert 'Test accuracy' in out
+  assert evaluated['num_examples'] > 0 and evaluated['step'] == 0
+  assert np.isfinite(evaluated['test_loss'])
