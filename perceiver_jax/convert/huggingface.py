@@ -269,8 +269,10 @@ def name_table(num_layers):
 def expected_shapes(config, num_classes):
   """`{path: shape}` of the parameters of the model `config` builds."""
   # Here, so configs can read `config_fields` without importing jax.
-  import jax  # pylint: disable=g-import-not-at-top
-  from perceiver_jax.model import perceiver  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from perceiver_jax.model import perceiver
+  # pylint: enable=g-import-not-at-top
   model = perceiver.create_model(config, num_classes)
   image = np.zeros((1, config.image_size, config.image_size, 3), np.float32)
   shapes = jax.eval_shape(

@@ -6,8 +6,8 @@ cross-attend: every iteration, or only the first with
 `cross_attend='first_iteration'`) are averaged over heads, taken from one
 cross-attend (the last by default, the nearest to the classifier; or their
 mean, or cross-attend k), and reshaped to the input grid (the patch grid,
-or the conv stem's 4x smaller one). Every latent's map is a softmax over patches, so
-it sums to 1; the mean over latents therefore sums to 1 too.
+or the conv stem's 4x smaller one). Every latent's map is a softmax over
+the inputs, so it sums to 1; the mean over latents therefore sums to 1 too.
 
 The PNG has a title strip of `HEADER` pixels, then one row per test image of
 `2 + num_latents` square tiles of `tile` pixels: the image as the dataset

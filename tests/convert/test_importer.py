@@ -141,7 +141,8 @@ def test_a_fine_tuning_run_starts_from_the_imported_weights(workdir,
   for name in ('image_size', 'latent_dim', 'projection_dim', 'num_heads',
                'ffn_units', 'num_transformer_blocks', 'num_iterations',
                'preprocessor_channels', 'fourier_num_bands',
-               'fourier_max_resolution', 'conv_stem_padding', 'num_cross_heads'):
+               'fourier_max_resolution', 'conv_stem_padding',
+               'num_cross_heads'):
     config[name] = tuple(saved[name]) if isinstance(saved[name], list) else (
         saved[name])
   config.init_from = str(workdir)
