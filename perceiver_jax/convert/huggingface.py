@@ -290,7 +290,11 @@ def _misfit(what, source):
       'them.')
 
 
-def hf_to_params(state_dict, config, num_classes, source='The checkpoint'):
+OUTPUT_LAYER = PREFIX + 'decoder.decoder.final_layer.weight'
+
+
+def hf_to_params(state_dict, config, num_classes=None,
+                 source='The checkpoint'):
   """This model's parameters from HuggingFace's weights (module doc).
 
   Args:
@@ -298,7 +302,8 @@ def hf_to_params(state_dict, config, num_classes, source='The checkpoint'):
       module doc for the naming and layouts).
     config: a ConfigDict of this project whose model fields describe the
       same network (e.g. from `config_fields`).
-    num_classes: the classifier's output count.
+    num_classes: the classifier's output count; default: the rows of
+      `OUTPUT_LAYER`.
     source: how error messages name the checkpoint.
 
   Returns:
@@ -310,6 +315,10 @@ def hf_to_params(state_dict, config, num_classes, source='The checkpoint'):
       name this model has no place for, a shape other than expected, or
       a parameter the model needs and the checkpoint lacks.
   """
+  if num_classes is None:
+    if OUTPUT_LAYER not in state_dict:
+      raise _misfit(f'{OUTPUT_LAYER} (the classifier) is missing', source)
+    num_classes = np.shape(state_dict[OUTPUT_LAYER])[0]
   expected = expected_shapes(config, num_classes)
   table = {name: entry for name, entry in
            name_table(config.num_transformer_blocks).items()
