@@ -298,7 +298,7 @@ def test_attention_png_layout(workdir, tmp_path, capsys):
   grid = attention_maps.run(str(path), num_images=3, output=str(output),
                             num_latents=4, tile=40)
   out = capsys.readouterr().out
-  assert f'Wrote {output}' in out and 'last iteration' in out
+  assert f'Wrote {output}' in out and 'last cross-attend' in out
   assert grid.rows == 3 and grid.cols == 6
   assert grid.latents == (0, 2, 5, 7)  # Evenly spaced over 8 latents.
   with Image.open(output) as image:
