@@ -11,12 +11,14 @@ model.predict(model.load_images(['cat.jpg']))    # image files, any size
 `load` restores what `--mode=eval` uses (`trained.py`): the workdir's config,
 its normalisation statistics, the class names and the weights the end of
 training tested (the EMA weights when the run kept them), on one device.
-The model takes uint8 images `[N, *input_shape]`: what the run's evaluation
-feeds the device, i.e. the dataset's images as stored (CIFAR: 32 x 32, which
-the device resizes to `image_size`), or the `image_size` square of the
-evaluation view for runs with Inception crops or datasets of varying image
-size. From there the computation is `--mode=eval`'s; `load_images` brings
-image files of any size to that view as `--mode=predict` does.
+The model takes uint8 images at its input size, `[N, *model_input_shape]`
+(`image_size` square), as they are, or `[N, *input_shape]`: what the run's
+evaluation feeds the device, i.e. the dataset's images as stored (CIFAR:
+32 x 32, which the device resizes to `image_size`), or the `image_size`
+square of the evaluation view for runs with Inception crops or datasets of
+varying image size. From there the computation is `--mode=eval`'s;
+`load_images` brings image files of any size to the evaluation view as
+`--mode=predict` does.
 """
 
 from typing import Sequence
@@ -32,7 +34,10 @@ class Classifier:
     workdir: the training run's workdir.
     config: its config (a ConfigDict; read it, don't change it).
     class_names: one name per logit.
-    input_shape: `(height, width, channels)` of the images it takes.
+    input_shape: `(height, width, channels)` of the images evaluation
+      feeds it (the dataset's served size).
+    model_input_shape: `(image_size, image_size, channels)`, which it takes
+      too.
     step: the training step of the restored weights.
     checkpoint: which checkpoint: 'best', 'latest' or 'last readable'.
   """
@@ -43,6 +48,7 @@ class Classifier:
     self.config = trained.config
     self.class_names = tuple(trained.class_names)
     self.input_shape = trained.input_shape
+    self.model_input_shape = trained.model_input_shape
     self.step = trained.step
     self.checkpoint = trained.checkpoint
 
@@ -55,8 +61,9 @@ class Classifier:
 
   def logits(self, images, batch_size=64):
     """float32 numpy logits `[N, num_classes]` of uint8 images
-    `[N, *input_shape]`, as `--mode=eval` computes them, `batch_size`
-    images per forward pass (it bounds the device memory used).
+    `[N, *input_shape]` (or `[N, *model_input_shape]`), as `--mode=eval`
+    computes them, `batch_size` images per forward pass (it bounds the
+    device memory used).
 
     Raises:
       errors.InputError: images of another shape or dtype.
@@ -67,7 +74,7 @@ class Classifier:
     """The `top_k` most probable classes of each image.
 
     Args:
-      images: uint8 `[N, *input_shape]`.
+      images: uint8 `[N, *input_shape]` or `[N, *model_input_shape]`.
       top_k: classes per image (more than there are gives all of them).
 
     Returns:

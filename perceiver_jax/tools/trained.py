@@ -141,23 +141,30 @@ class TrainedModel:
 
   @property
   def input_shape(self):
-    """`(height, width, channels)` of the images the model takes: those the
-    host serves evaluation (`datasets.DatasetInfo`), before the device
-    resizes them to `image_size`."""
+    """`(height, width, channels)` of the images evaluation feeds the
+    model: those the host serves (`datasets.DatasetInfo`), which the device
+    resizes to `image_size`."""
     return (self.info.height, self.info.width, self.info.channels)
 
+  @property
+  def model_input_shape(self):
+    """`(image_size, image_size, channels)`: the model's own input size."""
+    return (self.config.image_size,) * 2 + (self.info.channels,)
+
   def check_images(self, images):
-    """`images` as a numpy array, once they prove uint8 `[n, *input_shape]`.
+    """`images` as a numpy array, once they prove uint8 `[n, *input_shape]`
+    or `[n, *model_input_shape]` (taken as they are: resizing to
+    `image_size` leaves them unchanged).
 
     Raises:
       errors.InputError: another shape or dtype, saying which it takes.
     """
     images = np.asarray(images)
-    want = self.input_shape
-    if images.ndim == 4 and images.shape[1:] == want and (
-        images.dtype == np.uint8):
+    shapes = (self.input_shape, self.model_input_shape)
+    if (images.ndim == 4 and images.shape[1:] in shapes
+        and images.dtype == np.uint8):
       return images
-    height, width, channels = want
+    height, width, channels = self.input_shape
     crop = self.config.get('host_crop',
                            host_transforms.OPTION_DEFAULTS['host_crop'])
     if crop == 'inception':
@@ -168,8 +175,10 @@ class TrainedModel:
     else:
       view = f'{self.info.name} images as stored'
       if (height, width) != (self.config.image_size,) * 2:
+        size = self.config.image_size
         view += (', which evaluation resizes to image_size='
-                 f'{self.config.image_size}')
+                 f'{size}, or images already [N, {size}, {size}, '
+                 f'{channels}]')
     raise errors.InputError(
         f'The model of {self.workdir} takes uint8 images [N, {height}, '
         f'{width}, {channels}] (values 0..255): {view}; got {images.dtype} '

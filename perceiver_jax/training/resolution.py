@@ -26,8 +26,11 @@ from perceiver_jax.data import augment
 
 # Model fields a fine-tuning run may change: the input's size.
 FIELDS = ('image_size',)
-# Parameters with one row per patch, row-major over the square patch grid.
-GRID_PARAMS = ('patch_encoder/position_embedding',)
+# Parameters with one row per patch, row-major over the square patch grid:
+# the seed's position embedding, and Perceiver IO's learned positions
+# (`preprocessor='conv1x1'`, one per pixel).
+GRID_PARAMS = ('patch_encoder/position_embedding',
+               'conv1x1_encoder/position_embedding')
 
 
 def grid_size(config):

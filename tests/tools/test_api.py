@@ -104,14 +104,27 @@ def test_image_files_are_read_as_predict_mode_reads_them(model, workdir,
                                rtol=1e-6)
 
 
+def test_images_at_the_models_input_size_are_taken_as_they_are(model):
+  """16 x 16 images (image_size) skip evaluation's 32 -> 16 resize."""
+  at_image_size = np.random.default_rng(3).integers(
+      0, 256, (2, 16, 16, 3), np.uint8)
+  trained = model._trained  # pylint: disable=protected-access
+  want = trained.model.apply(
+      {'params': trained.params}, trained.preprocess(at_image_size),
+      train=False)
+  np.testing.assert_allclose(model.logits(at_image_size), want, rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_wrong_images_are_refused_with_the_shape_it_takes(model):
-  at_image_size = np.zeros((2, 16, 16, 3), np.uint8)
+  other_size = np.zeros((2, 20, 20, 3), np.uint8)
   with pytest.raises(errors.InputError) as e:
-    model.logits(at_image_size)
+    model.logits(other_size)
   message = str(e.value)
   assert 'takes uint8 images [N, 32, 32, 3] (values 0..255)' in message
-  assert 'cifar100 images as stored, which evaluation resizes to ' \
-         'image_size=16; got uint8 [2, 16, 16, 3]' in message
+  assert ('cifar100 images as stored, which evaluation resizes to '
+          'image_size=16, or images already [N, 16, 16, 3]; got uint8 '
+          '[2, 20, 20, 3]') in message
   assert '\n' not in message
   for images, got in ((np.zeros((2, 32, 32, 3), np.float32),
                        'got float32 [2, 32, 32, 3]'),

@@ -49,23 +49,36 @@ def test_a_non_square_embedding_is_refused_by_name():
                         np.zeros((0, 4), np.float32), (64, 4), '/runs/src')
 
 
-@pytest.mark.parametrize('overrides', VARIANTS)
+# Perceiver IO's arrangement with each of its preprocessors, in miniature.
+_PERCEIVER_IO = dict(
+    patch_size=1, cross_attention_width='input', num_cross_heads=1,
+    cross_attention_residual='pre_norm', cross_attend='first_iteration',
+    decoder='perceiver_io', classifier_units=(), latent_head_width='split')
+PERCEIVER_IO_VARIANTS = [
+    dict(_PERCEIVER_IO, preprocessor='conv1x1', preprocessor_channels=4),
+    dict(_PERCEIVER_IO, preprocessor='patches', position_encoding='fourier',
+         fourier_max_resolution=8),
+    dict(_PERCEIVER_IO, preprocessor='conv', preprocessor_channels=4,
+         position_encoding='fourier', fourier_max_resolution=4),
+]
+
+
+@pytest.mark.parametrize('overrides', VARIANTS + PERCEIVER_IO_VARIANTS)
 def test_only_the_grid_params_depend_on_the_image_size(overrides):
   # Fourier features and the inputs' width ('input' cross-attention) are
   # the same at every grid; only GRID_PARAMS change shape.
+  configs = [tiny_config(image_size=size, **overrides) for size in (8, 12)]
   shapes = [{sharding.path_name(p): x.shape for p, x in
-             jax.tree_util.tree_flatten_with_path(
-                 param_shapes(tiny_config(image_size=size, **overrides)))[0]}
-            for size in (8, 12)]
+             jax.tree_util.tree_flatten_with_path(param_shapes(c))[0]}
+            for c in configs]
   assert shapes[0].keys() == shapes[1].keys()
   changed = {n for n in shapes[0] if shapes[0][n] != shapes[1][n]}
-  learned = tiny_config(**overrides).get('position_encoding',
-                                         'learned') == 'learned'
-  assert changed == ({'patch_encoder/position_embedding'} if learned
-                     else set())
+  learned = configs[0].get('position_encoding', 'learned') == 'learned'
+  assert bool(changed) == learned
   assert changed <= set(resolution.GRID_PARAMS)
-  for name in changed:  # One row per patch: 4x4, then 6x6.
-    assert (shapes[0][name][0], shapes[1][name][0]) == (16, 36)
+  for name in changed:  # One row per patch of each grid.
+    assert [s[name][0] for s in shapes] == [
+        resolution.grid_size(c) ** 2 for c in configs]
 
 
 def _config(**fields):
