@@ -147,6 +147,10 @@ def get_config():
   # scales, position embeddings, latent array, queries).
   config.weight_decay_mask = 'all'
   config.grad_clip_norm = 0.0  # Clip by global norm before LAMB; 0: off.
+  # 'lamb' (seed), or for fine-tuning 'sgd' (with momentum; weight decay
+  # added to the gradient, as PyTorch's SGD) or 'adamw' (decoupled decay).
+  config.optimizer = 'lamb'
+  config.momentum = 0.9
   # MixUp / CutMix Beta(alpha, alpha) (0: off; both on: one per batch, p=.5);
   # mix_prob: probability that a batch is mixed at all.
   config.mixup_alpha = 0.0

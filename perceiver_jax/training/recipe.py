@@ -32,9 +32,15 @@ OPTION_DEFAULTS = {
     'randaugment_num_ops': 0,
     'randaugment_magnitude': 9.0,
     'ema_decay': 0.0,
+    'optimizer': 'lamb',
+    'momentum': 0.9,
 }
 
 
+# 'lamb' (the seed's and the Perceiver paper's), or what fine-tuning
+# codebases use: 'sgd' (with `momentum`, big_vision's transfer recipe) or
+# 'adamw' (decoupled weight decay).
+OPTIMIZERS = ('lamb', 'sgd', 'adamw')
 # 'plateau' (the seed's controller), 'warmup_cosine', or 'step': divided by
 # 1 / lr_decay_factor at each of lr_decay_epochs (the Perceiver paper's).
 LR_SCHEDULES = ('plateau', 'warmup_cosine', 'step')
@@ -75,6 +81,10 @@ RULES = {
     'ema_decay': checks.number(0.0, 1.0, high_open=True,
                                requirement='in [0, 1) (0: off)',
                                example=0.9998),
+    'optimizer': checks.one_of(*OPTIMIZERS),
+    'momentum': checks.number(0.0, 1.0, high_open=True,
+                              requirement="in [0, 1) (optimizer='sgd')",
+                              example=0.9),
 }
 
 
@@ -185,16 +195,32 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def _lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0,
-          weight_decay=1e-4, mask=None, grad_clip_norm=0.0, frozen=None):
-  """optax.lamb (same signature and defaults), optionally after clipping.
+def _optimizer(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0,
+               weight_decay=1e-4, optimizer='lamb', momentum=0.9, mask=None,
+               grad_clip_norm=0.0, frozen=None):
+  """The `optimizer`'s update rule, optionally after clipping.
 
-  `frozen`: None, or a function of the params marking (True) the leaves
-  that never change: their updates are zero, so neither LAMB nor weight
-  decay touches them, and the clipping norm leaves them out.
+  The moment arguments are `optax.lamb`'s, with its defaults, so the
+  injected hyperparameters (and so the optimiser state of every checkpoint)
+  are the seed's `inject_hyperparams(optax.lamb)`'s whatever the optimiser.
+  'lamb' is `optax.lamb` (the seed's). 'adamw' is `optax.adamw` (decoupled
+  weight decay, as LAMB's; `create_optimizer` passes its `eps`, 1e-8).
+  'sgd' is SGD with `momentum`, `weight_decay * params` added to the
+  gradient first (PyTorch's `SGD(weight_decay=...)`). Weight decay applies
+  to `mask`'s leaves (all when None). `frozen`: None,
+  or a function of the params marking (True) the leaves that never change:
+  their updates are zero, so neither the optimiser nor weight decay
+  touches them, and the clipping norm leaves them out.
   """
-  tx = optax.lamb(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-                  weight_decay=weight_decay, mask=mask)
+  if optimizer == 'lamb':
+    tx = optax.lamb(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                    weight_decay=weight_decay, mask=mask)
+  elif optimizer == 'adamw':
+    tx = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                     weight_decay=weight_decay, mask=mask)
+  else:
+    tx = optax.chain(optax.add_decayed_weights(weight_decay, mask),
+                     optax.sgd(learning_rate, momentum=momentum or None))
   if grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
   if frozen is not None:
@@ -206,23 +232,29 @@ def _lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0,
 
 
 def create_optimizer(config):
-  """LAMB as in the seed, plus the optional decay mask and gradient clipping.
+  """LAMB as in the seed (or `config.optimizer`), plus the optional decay
+  mask and gradient clipping.
 
-  `inject_hyperparams` keeps the learning rate (and weight decay) in the
-  optimiser state, where the host sets it each step and every checkpoint
-  saves it. With the defaults this is `inject_hyperparams(optax.lamb)`
-  exactly: the same state tree and the same numerics as the seed's path.
-  A model with frozen parameters (the conv stem's BatchNorm statistics,
-  `encoders.frozen_mask`) gets zero updates for them.
+  `inject_hyperparams` keeps the learning rate and weight decay in the
+  optimiser state, where the host sets the rate each step and every
+  checkpoint saves it. With the defaults this is
+  `inject_hyperparams(optax.lamb)` exactly: the same state tree and the
+  same numerics as the seed's path. A model with frozen parameters (the
+  conv stem's BatchNorm statistics, `encoders.frozen_mask`) gets zero
+  updates for them.
   """
   mask = decay_mask if option(config, 'weight_decay_mask') == 'kernels' else (
       None)
   frozen = encoders.frozen_mask if encoders.has_frozen_parameters(
       config.get('preprocessor', 'patches')) else None
+  optimizer = option(config, 'optimizer')
   return optax.inject_hyperparams(
-      _lamb, static_args=('mask', 'grad_clip_norm', 'frozen'))(
+      _optimizer, static_args=('optimizer', 'momentum', 'mask',
+                               'grad_clip_norm', 'frozen'))(
           learning_rate=config.learning_rate,
-          weight_decay=config.weight_decay, mask=mask,
+          eps=1e-8 if optimizer == 'adamw' else 1e-6,
+          weight_decay=config.weight_decay, optimizer=optimizer,
+          momentum=float(option(config, 'momentum')), mask=mask,
           grad_clip_norm=float(option(config, 'grad_clip_norm')),
           frozen=frozen)
 

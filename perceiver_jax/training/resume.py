@@ -48,6 +48,7 @@ RESUMABLE_FIELDS = (
     'mix_prob', 'randaugment_num_ops', 'randaugment_magnitude',
     'data_storage', 'data_workers', 'tfds_manual_dir', 'init_from',
     'lr_decay_epochs', 'lr_decay_factor', 'profile_steps', 'batch_size',
+    'momentum',
 )
 # What a checkpoint's meta records of how its batches were laid out.
 LAYOUT_KEYS = ('batch_size', 'steps_per_epoch', 'num_devices')

@@ -100,6 +100,8 @@ def test_defaults_are_the_seed_and_valid():
     ('min_learning_rate', 0.5, 'a number in [0, learning_rate]'),
     ('label_smoothing', 1.0, 'in [0, 1)'),
     ('weight_decay_mask', 'bias', "'all' or 'kernels'"),
+    ('optimizer', 'adam', "'lamb', 'sgd' or 'adamw'"),
+    ('momentum', 1.0, "in [0, 1) (optimizer='sgd')"),
     ('grad_clip_norm', -1.0, 'a non-negative number (0: off)'),
     ('mixup_alpha', -0.1, 'a non-negative number (0: off)'),
     ('cutmix_alpha', -0.1, 'a non-negative number (0: off)'),
@@ -294,6 +296,43 @@ def test_grad_clip_is_clip_then_lamb_with_an_injectable_learning_rate():
   u1, _ = tx.update(grads, opt_state, params)
   u2, _ = ref.update(grads, ref.init(params), params)
   chex.assert_trees_all_close(u1, u2, rtol=1e-6)
+
+
+@pytest.mark.parametrize('optimizer,weight_decay', [
+    ('sgd', 0.0), ('sgd', 0.05), ('adamw', 0.0), ('adamw', 0.05)])
+def test_fine_tuning_optimizers_step_as_pytorchs(optimizer, weight_decay):
+  """SGD with momentum and AdamW against torch.optim's, the references
+  fine-tuning recipes are written for: five steps, a changing rate."""
+  import torch  # pylint: disable=g-import-not-at-top  (test-only)
+  config = small_config(optimizer=optimizer, weight_decay=weight_decay,
+                        momentum=0.8)
+  rng = np.random.default_rng(0)
+  init = rng.normal(size=(4, 3)).astype(np.float32)
+  # Adam's gradients small enough for its eps (1e-8) to matter.
+  scale = 1e-7 if optimizer == 'adamw' else 1.0
+  grads = [(scale * rng.normal(size=(4, 3))).astype(np.float32)
+           for _ in range(5)]
+  rates = [0.1, 0.05, 0.05, 0.02, 0.01]
+  tx = recipe.create_optimizer(config)
+  params = {'w': jnp.asarray(init)}
+  opt_state = tx.init(params)
+  reference = torch.nn.Parameter(torch.tensor(init))
+  if optimizer == 'sgd':
+    torch_opt = torch.optim.SGD([reference], lr=rates[0], momentum=0.8,
+                                weight_decay=weight_decay)
+  else:  # optax.adamw's defaults, in PyTorch's terms.
+    torch_opt = torch.optim.AdamW([reference], lr=rates[0], betas=(0.9, 0.999),
+                                  eps=1e-8, weight_decay=weight_decay)
+  for g, lr in zip(grads, rates):
+    opt_state.hyperparams['learning_rate'] = jnp.float32(lr)
+    updates, opt_state = tx.update({'w': jnp.asarray(g)}, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    for group in torch_opt.param_groups:
+      group['lr'] = lr
+    reference.grad = torch.tensor(g)
+    torch_opt.step()
+  np.testing.assert_allclose(params['w'], reference.detach().numpy(),
+                             rtol=2e-5, atol=2e-6)
 
 
 def test_warmup_cosine_learning_rates():
