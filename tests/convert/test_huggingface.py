@@ -20,8 +20,8 @@ from perceiver_jax.convert import huggingface
 from perceiver_jax.convert import importer
 from perceiver_jax.model import perceiver
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+import torch  # Test-only (requirements-test.txt): the reference.
+import transformers  # pylint: disable=g-import-not-at-top
 
 IMAGE_SIZE = 32
 CLASSES = 10

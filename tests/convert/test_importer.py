@@ -23,8 +23,8 @@ from perceiver_jax.tools import predict
 from perceiver_jax.tools import trained as trained_lib
 from perceiver_jax.training import experiment
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+import torch  # Test-only (requirements-test.txt): the reference.
+import transformers  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))

@@ -71,7 +71,7 @@ def test_the_stems_grid(size, padding, grid):
 
 def test_the_same_padding_is_tensorflows():
   """The SAME stem equals TensorFlow's conv and max-pool (haiku's ops)."""
-  tf = pytest.importorskip('tensorflow')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   stem = encoders.ConvStemEncoder(4, 1, padding='same')
   images = np.random.RandomState(0).randn(1, 12, 12, 3).astype(np.float32)
   params = stem.init(jax.random.key(0), images)['params']
