@@ -1,17 +1,15 @@
 """HuggingFace's three Perceiver IO classifiers, small and random, and the
 haiku `.pystate` pickle each would have been converted from.
 
-The pickle is written as haiku wrote DeepMind's: a dict of `params` and
-`state`, each haiku's `FlatMapping` of `FlatMapping`s of numpy arrays,
-which pickles as a call of `haiku._src.data_structures.FlatMapping` with a
-plain dict. haiku is not installed: a stand-in class under that name makes
-pickle write the same opcodes.
+The pickle is what DeepMind's files hold: a dict of `params` and `state`,
+each a haiku `FlatMap` of `FlatMap`s of numpy arrays, pickled by haiku
+itself (its FlatMap pickles as a call of
+`haiku._src.data_structures.FlatMapping` with a plain dict).
 """
 
 import pickle
-import sys
-import types
 
+from haiku._src import data_structures as haiku_data_structures
 import numpy as np
 import torch
 import transformers
@@ -51,45 +49,18 @@ def state_dict(model):
   return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
-class FlatMapping(dict):
-  """Pickles as haiku's FlatMapping did: FlatMapping(plain dict)."""
-
-  def __reduce__(self):
-    return FlatMapping, (dict(self),)
-
-
-FlatMapping.__module__ = 'haiku._src.data_structures'
-
-
-def _flat_mappings(tree):
-  return FlatMapping({scope: FlatMapping(arrays)
-                      for scope, arrays in tree.items()})
-
-
-def pickle_bytes(obj, protocol=pickle.DEFAULT_PROTOCOL):
-  """`obj` pickled with FlatMapping under haiku's module name."""
-  names = ('haiku', 'haiku._src', 'haiku._src.data_structures')
-  saved = {n: sys.modules.get(n) for n in names}
-  module = types.ModuleType(names[-1])
-  module.FlatMapping = FlatMapping
-  sys.modules.update({n: types.ModuleType(n) for n in names[:-1]})
-  sys.modules[names[-1]] = module
-  try:
-    return pickle.dumps(obj, protocol=protocol)
-  finally:
-    for name, old in saved.items():
-      if old is None:
-        del sys.modules[name]
-      else:
-        sys.modules[name] = old
+def pickle_bytes(checkpoint, protocol=pickle.DEFAULT_PROTOCOL):
+  """A nested haiku checkpoint pickled as haiku's FlatMaps pickle."""
+  flat_map = haiku_data_structures.FlatMap
+  return pickle.dumps(
+      {part: flat_map({scope: flat_map(arrays)
+                       for scope, arrays in tree.items()})
+       for part, tree in checkpoint.items()}, protocol=protocol)
 
 
 def write_pystate(path, hf_state_dict, protocol=pickle.DEFAULT_PROTOCOL):
   """Writes the haiku checkpoint of a HuggingFace state dict to `path`."""
-  checkpoint = haiku.to_haiku(hf_state_dict)
-  path.write_bytes(pickle_bytes(
-      {part: _flat_mappings(tree) for part, tree in checkpoint.items()},
-      protocol))
+  path.write_bytes(pickle_bytes(haiku.to_haiku(hf_state_dict), protocol))
   return path
 
 

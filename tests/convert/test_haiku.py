@@ -1,13 +1,19 @@
 """The haiku <-> HuggingFace table of the Perceiver IO classifiers.
 
 Two checks: a HuggingFace model's weights survive the trip to the haiku
-checkpoint and back exactly, through a pickle and the safe reader; and each
-haiku array computes, by haiku's definition of its module, what the torch
-module computes with the HuggingFace array (so a wrong transpose or reshape
-in `haiku.LAYOUTS` fails the second even though the round trip, which
-applies it both ways, passes).
+checkpoint and back exactly, through a pickle and the safe reader; and
+haiku's own module (hk.Linear, hk.Conv2D, hk.LayerNorm, hk.BatchNorm) given
+the haiku arrays computes what the torch module computes with the
+HuggingFace ones. A wrong transpose or reshape in `haiku.LAYOUTS`, or a
+scale/offset swap, fails the second although the round trip, which applies
+it both ways, passes.
 """
 
+import collections
+import functools
+import os
+
+import haiku as hk
 import numpy as np
 import pytest
 import torch
@@ -38,95 +44,85 @@ def test_round_trip_through_a_pystate_is_exact(tmp_path, models, variant):
     np.testing.assert_array_equal(got[name], array, err_msg=name)
 
 
-# Haiku's modules in numpy, NHWC, as haiku defines them.
-def _hk_linear(x, p):
-  return x @ p['w'] + p['b']
-
-
-def _hk_conv(x, p):
-  """hk.Conv2D, stride 1, VALID: cross-correlation with an HWIO kernel."""
-  w = p['w']
-  windows = np.lib.stride_tricks.sliding_window_view(
-      x, w.shape[:2], axis=(1, 2))  # [n, y, x, c, kh, kw]
-  return np.einsum('nyxcij,ijco->nyxo', windows, w) + p.get('b', 0)
-
-
-def _hk_layer_norm(x, p, eps):
-  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-  return (x - mean) / np.sqrt(var + eps) * p['scale'] + p['offset']
-
-
-def _hk_batch_norm(x, p, eps):
-  """hk.BatchNorm at inference: the moving averages' statistics."""
-  return ((x - p['~/mean_ema/average']) /
-          np.sqrt(p['~/var_ema/average'] + eps) * p['scale'] + p['offset'])
-
-
-def _haiku_arrays(checkpoint, entries, hf_module):
-  """{haiku parameter name relative to its module: array} of the entries
-  whose HuggingFace names are `hf_module`'s."""
-  flat = haiku_checkpoints.flat(checkpoint)
-  mine = [e for e in entries if e.hf.rsplit('.', 1)[0] == hf_module
-          and haiku.LAYOUTS[e.kind].to_hf is not None]
-  module = mine[0].haiku.rsplit('/', 1)[0]
-  if module.endswith('~/mean_ema') or module.endswith('~/var_ema'):
-    module = module.rsplit('/', 2)[0]
-  return {e.haiku[len(module) + 1:]: flat[e.haiku] for e in mine}
-
-
-def _compared(torch_module, rng):
-  """(NHWC or [n, features] input, the torch module's output on it, the
-  haiku module's function of (input, haiku arrays))."""
-  def torch_nhwc(x):
-    y = torch_module(torch.from_numpy(x).permute(0, 3, 1, 2))
-    return y.permute(0, 2, 3, 1).detach().numpy()
+def _haiku_module(torch_module):
+  """(haiku's module computing what `torch_module` does, its default name,
+  an input for both, NHWC for images)."""
+  rng = np.random.default_rng(0)
   if isinstance(torch_module, torch.nn.Linear):
-    x = rng.normal(size=(5, torch_module.in_features)).astype(np.float32)
-    return x, torch_module(torch.from_numpy(x)).detach().numpy(), _hk_linear
+    return (lambda: hk.Linear(torch_module.out_features), 'linear',
+            rng.normal(size=(5, torch_module.in_features)))
   if isinstance(torch_module, torch.nn.Conv2d):
-    # Unpadded, whatever padding the module adds; height != width.
-    x = rng.normal(size=(2, 9, 11, torch_module.in_channels))
-    x = x.astype(np.float32)
-    y = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2),
-                                   torch_module.weight, torch_module.bias)
-    return x, y.permute(0, 2, 3, 1).detach().numpy(), _hk_conv
+    # Unpadded whatever padding the module adds; height != width.
+    return (lambda: hk.Conv2D(
+        torch_module.out_channels, torch_module.kernel_size, padding='VALID',
+        with_bias=torch_module.bias is not None), 'conv2_d',
+            rng.normal(size=(2, 9, 11, torch_module.in_channels)))
   if isinstance(torch_module, torch.nn.LayerNorm):
-    x = rng.normal(size=(5, *torch_module.normalized_shape))
-    x = x.astype(np.float32)
-    return x, torch_module(torch.from_numpy(x)).detach().numpy(), (
-        lambda x, p: _hk_layer_norm(x, p, torch_module.eps))
+    return (lambda: hk.LayerNorm(-1, True, True, eps=torch_module.eps),
+            'layer_norm', rng.normal(size=(5, *torch_module.normalized_shape)))
   if isinstance(torch_module, torch.nn.BatchNorm2d):
-    x = rng.normal(size=(2, 4, 5, torch_module.num_features))
-    x = x.astype(np.float32)
-    return x, torch_nhwc(x), (
-        lambda x, p: _hk_batch_norm(x, p, torch_module.eps))
+    return (lambda: functools.partial(hk.BatchNorm(
+        True, True, 0.9, eps=torch_module.eps), is_training=False),
+            'batch_norm', rng.normal(size=(2, 4, 5, torch_module.num_features)))
   raise AssertionError(f'no haiku counterpart for {torch_module}')
 
 
+def _torch_output(torch_module, x):
+  x = torch.from_numpy(x)
+  if x.ndim == 4:  # NHWC -> NCHW and back.
+    x = x.permute(0, 3, 1, 2)
+  if isinstance(torch_module, torch.nn.Conv2d):
+    y = torch.nn.functional.conv2d(x, torch_module.weight, torch_module.bias)
+  else:
+    y = torch_module(x)
+  return (y.permute(0, 2, 3, 1) if y.ndim == 4 else y).detach().numpy()
+
+
+def _haiku_output(make, name, entries, flat, x):
+  """The haiku module's output with the checkpoint's arrays of `entries`
+  (one module's), renamed as the module's default name holds them."""
+  module = os.path.commonprefix(
+      [e.haiku for e in entries if not e.state]).rsplit('/', 1)[0]
+  params, state = {}, {}
+  for entry in entries:
+    relative = entry.haiku[len(module) + 1:]
+    if relative.startswith('~/'):  # A submodule's state: ~/mean_ema/average
+      submodule, leaf = relative.rsplit('/', 1)
+      state.setdefault(f'{name}/{submodule}', {})[leaf] = flat[entry.haiku]
+    else:
+      params.setdefault(name, {})[relative] = flat[entry.haiku]
+  apply = hk.transform_with_state(lambda x: make()(x)).apply
+  return np.asarray(apply(params, state, None, x)[0])
+
+
 def mismatches(model):
-  """HuggingFace modules whose output differs from their haiku module's,
-  and the names of the table's entries the comparison covered."""
-  rng = np.random.default_rng(0)
+  """HuggingFace modules whose output differs from that of haiku's module
+  given the haiku arrays `haiku.to_haiku` makes of their weights, and the
+  HuggingFace names the comparison covered."""
   state = haiku_checkpoints.state_dict(model)
   checkpoint = haiku.to_haiku(state)
+  flat = haiku_checkpoints.flat(checkpoint)
   entries = haiku.table(*haiku._hf_layout(state))  # pylint: disable=protected-access
-  modules = sorted({e.hf.rsplit('.', 1)[0] for e in entries
-                    if e.kind in ('linear', 'conv', 'bn')
-                    or e.hf.endswith(('layernorm1.weight', 'layernorm2.weight',
-                                      'layernorm.weight'))})
+  by_module = collections.defaultdict(list)
+  for entry in entries:
+    by_module[entry.hf.rsplit('.', 1)[0]].append(entry)
   wrong, covered = [], set()
-  for name in modules:
+  for name, module_entries in sorted(by_module.items()):
     torch_module = model.get_submodule(name)
-    p = _haiku_arrays(checkpoint, entries, name)
-    covered |= {e.hf for e in entries if e.hf.rsplit('.', 1)[0] == name}
-    x, want, haiku_module = _compared(torch_module, rng)
+    if not isinstance(torch_module, (torch.nn.Linear, torch.nn.Conv2d,
+                                     torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+      continue
+    make, haiku_name, x = _haiku_module(torch_module)
+    x = x.astype(np.float32)
+    want = _torch_output(torch_module, x)
     try:
-      got = haiku_module(x, p)
-    except ValueError:  # Shapes that do not multiply.
+      got = _haiku_output(make, haiku_name, module_entries, flat, x)
+    except (ValueError, TypeError):  # Shapes haiku refuses.
       got = None
     if got is None or got.shape != want.shape or not np.allclose(
         got, want, rtol=1e-4, atol=1e-4):
       wrong.append(name)
+    covered |= {e.hf for e in module_entries}
   return wrong, covered
 
 

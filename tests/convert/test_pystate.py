@@ -38,7 +38,7 @@ def test_reads_params_and_state_as_haiku_pickled_them(
     tmp_path, conv_state_dict, protocol):
   path = haiku_checkpoints.write_pystate(tmp_path / 'c.pystate',
                                          conv_state_dict, protocol)
-  assert b'haiku._src.data_structures' in path.read_bytes()
+  assert b'FlatMapping' in path.read_bytes()
   read = pystate.read(path)
   assert 'image_preprocessor/~/conv2_d_downsample/~/batchnorm/~/mean_ema/' \
       'counter' in read['state']
