@@ -13,6 +13,9 @@ Tools on a trained workdir (its saved config; --config is not needed):
   python main.py --mode=eval --workdir=DIR
   python main.py --mode=predict --workdir=DIR --images=a.png,b.jpg
   python main.py --mode=attention --workdir=DIR --num_images=8 --output=a.png
+Before a long run, decode every record it would read (no accelerator used;
+exit status 1 when a record does not decode):
+  python main.py --mode=check_data --config=configs/imagenet_perceiver.py
 
 Python 3.11 or later. `--help` and flag errors come back at once: jax and
 tensorflow are imported only once the flags are valid.
@@ -62,11 +65,12 @@ flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints and logs (local, NFS or '
     f'gs://). Default: {RUNS_DIR}/<config name> under the current directory.')
 flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval', 'predict', 'attention'],
+    'mode', 'train', ['train', 'eval', 'predict', 'attention', 'check_data'],
     'train: train and test. eval: test the weights training tested (the '
     'early-stopping best with restore_best_weights, else the last). '
     'predict: top-5 classes of --images. attention: cross-attention maps of '
-    '--num_images test images, written to --output.')
+    '--num_images test images, written to --output. check_data: decode every '
+    'record of the splits --config uses and list those that do not decode.')
 flags.DEFINE_list('images', [], '--mode=predict: image files (PNG, JPEG, '
                   '...), comma-separated; they may also follow the flags.')
 flags.DEFINE_integer('num_images', 8, '--mode=attention: test images (rows).')
@@ -119,6 +123,26 @@ def _run_tool(workdir, argv):
                        overrides=overrides)
 
 
+def _exit_with_paragraph(error):
+  """Bad input or a diverged run: one clear paragraph, no traceback
+  (`--verbosity=1` logs it). Anything else is a bug: its traceback shows."""
+  logging.debug('Details:', exc_info=True)
+  sys.exit(f'Error: {error}')
+
+
+def _check_data():
+  """--mode=check_data: jax devices untouched, status 1 on a bad record."""
+  # pylint: disable=g-import-not-at-top
+  from perceiver_jax.tools import check_data
+  # pylint: enable=g-import-not-at-top
+  try:
+    good = check_data.run(FLAGS.config)
+  except errors.InputError as e:
+    _exit_with_paragraph(e)
+  if not good:
+    sys.exit(1)
+
+
 def _config_file():
   """The --config file's path (any `:argument` suffix removed), or None."""
   if FLAGS.config is None:
@@ -156,9 +180,12 @@ def main(argv):
   if len(argv) > 1 and FLAGS.mode != 'predict':
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _check_config_file()
-  if FLAGS.mode == 'train' and FLAGS.config is None:
-    raise app.UsageError('--config is required to train, e.g. '
-                         '--config=configs/cifar100.py.')
+  if FLAGS.mode in ('train', 'check_data') and FLAGS.config is None:
+    raise app.UsageError(f'--config is required for --mode={FLAGS.mode}, '
+                         'e.g. --config=configs/cifar100.py.')
+  if FLAGS.mode == 'check_data':
+    _check_data()
+    return
   workdir = _workdir()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Before the JAX backend starts its threads.
@@ -185,10 +212,7 @@ def main(argv):
     logging.warning('%s', e)
     sys.exit(preemption.EXIT_CODE)
   except (errors.InputError, metrics.NonFiniteError) as e:
-    # Bad input or a diverged run: one clear paragraph, no traceback
-    # (`--verbosity=1` logs it). Anything else is a bug: its traceback shows.
-    logging.debug('Details:', exc_info=True)
-    sys.exit(f'Error: {e}')
+    _exit_with_paragraph(e)
 
 
 if __name__ == '__main__':

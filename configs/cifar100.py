@@ -30,7 +30,7 @@ def get_config():
   # 'memory' (decode once, keep in host memory), 'stream' (read ArrayRecord
   # files in worker processes) or 'auto' (memory while it fits: CIFAR).
   config.data_storage = 'auto'
-  config.data_workers = -1  # Streaming workers; -1: one per core but one.
+  config.data_workers = -1  # Streaming workers; -1: one per usable CPU but one.
   # Host crop: 'none' (images as stored) or 'inception' (random-resized crop
   # and flip for training, resize and centre crop of this share to eval).
   config.host_crop = 'none'

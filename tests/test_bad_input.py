@@ -14,9 +14,11 @@ import pytest
 
 from configs import fake_data
 from perceiver_jax import errors
+from perceiver_jax.data import records
 from perceiver_jax.training import experiment
 from perceiver_jax.training import steps
 from tests.support import ROOT
+from tests.support import subprocess_env
 
 
 def _set(config, field, value):
@@ -122,4 +124,34 @@ def test_cli_prints_one_paragraph_without_traceback(tmp_path):
   assert proc.returncode == 1
   assert "Error: config.dataset='cifar1000' is not a tfds dataset" in (
       proc.stderr)
+  assert 'Traceback' not in proc.stderr
+
+
+_BAD_RECORD = {'mock_data': False, 'dataset': 'bad_jpegs', 'batch_size': 8,
+               'host_crop': 'inception', 'data_storage': 'stream',
+               'data_workers': 1}
+
+
+def test_a_record_that_does_not_decode_stops_before_compiling(
+    tmp_path, no_compile, bad_jpegs):
+  # The training statistics read it first, in a worker process.
+  config = fake_data.get_config()
+  config.update(dict(_BAD_RECORD, tfds_data_dir=bad_jpegs))
+  with pytest.raises(records.BadRecordError) as e:
+    experiment.Experiment(config, tmp_path / 'run')
+  assert str(e.value).startswith(
+      "Record 3 of tfds split 'train' of dataset 'bad_jpegs' (read for the "
+      "train split, file_name 'train_003.JPEG') does not decode: ")
+
+
+def test_cli_prints_a_bad_record_as_one_paragraph(tmp_path, bad_jpegs):
+  flags = [f'--config.{k}={v}' for k, v in _BAD_RECORD.items()]
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/fake_data.py',
+       f'--workdir={tmp_path}', f'--config.tfds_data_dir={bad_jpegs}',
+       *flags], cwd=ROOT, env=subprocess_env(1), capture_output=True,
+      text=True, timeout=300, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.splitlines()[-1].startswith(
+      "Error: Record 3 of tfds split 'train' of dataset 'bad_jpegs' ")
   assert 'Traceback' not in proc.stderr

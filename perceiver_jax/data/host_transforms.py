@@ -3,8 +3,9 @@
 Everything after a fixed-shape uint8 batch (normalisation, flips and zooms of
 the seed, RandAugment, MixUp/CutMix) runs on the device (`augment.py`);
 what cannot (decoding, cropping images of varying size) runs here, in the
-input workers, with Pillow and numpy only: no tensorflow, no jax, so worker
-processes start quickly and never touch `jax.distributed`.
+input workers, with Pillow and numpy only (no tensorflow, no jax): nothing
+here asks for a device, so the workers never initialise a jax backend or
+`jax.distributed`.
 
 `crop='none'`: the image as stored (resized whole to `size` x `size`, with
 Pillow's bilinear filter, when the dataset's images vary in size).
@@ -19,6 +20,10 @@ batch and are not upsampled again on the device. JPEGs are decoded at the
 smallest DCT scale that still covers the crop (`Image.draft`), which is
 what makes the decode cheap.
 
+A stored image Pillow cannot decode (a truncated JPEG, bytes that are no
+image) raises `DecodeError`, from the Pillow calls only, so a bug here keeps
+its own type; the caller names the record (`records.py`).
+
 Every random choice is drawn from `numpy.random.default_rng` seeded by
 (seed, epoch, record), so a batch is a pure function of the run's seed,
 epoch and step, whichever worker decodes it.
@@ -30,6 +35,7 @@ import math
 
 import numpy as np
 from PIL import Image
+from PIL import UnidentifiedImageError
 
 from perceiver_jax import checks
 
@@ -56,6 +62,25 @@ def served_size(crop, height, width, image_size):
   if crop == 'inception' or height is None or width is None:
     return image_size, image_size
   return height, width
+
+
+class DecodeError(Exception):
+  """Stored image bytes that Pillow cannot decode; the message says why."""
+
+
+def _decoded(call, *args):
+  """`call(*args)`, a Pillow call that parses or decodes the stored bytes.
+
+  Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
+  on malformed data, and only Pillow's call is inside this `try`.
+  """
+  try:
+    return call(*args)
+  except UnidentifiedImageError:  # Its message names a BytesIO object.
+    raise DecodeError('not an image (Pillow knows no format of its bytes)'
+                      ) from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise DecodeError(f'{type(e).__name__}: {e}') from None
 
 
 def moment_sums(images, channels):
@@ -108,6 +133,7 @@ def _crop_resized(image, box, size):
   if image.format == 'JPEG':
     image.draft(image.mode, (math.ceil(width * size / w),
                              math.ceil(height * size / h)))
+  _decoded(image.load)
   sx, sy = image.size[0] / width, image.size[1] / height
   return image.resize(
       (size, size), Image.Resampling.BILINEAR,
@@ -145,11 +171,18 @@ class HostTransform:
                           OPTION_DEFAULTS['eval_crop_fraction']))
 
   def _open(self, data):
-    image = Image.open(io.BytesIO(data))
+    """The image, its header read (JPEGs: not decoded, so they can draft)."""
+    image = _decoded(Image.open, io.BytesIO(data))
     mode = 'L' if self.channels == 1 else 'RGB'
     if image.mode != mode and image.format != 'JPEG':
-      image = image.convert(mode)  # Draft first for JPEGs, then convert.
+      image = _decoded(image.convert, mode)  # JPEGs: draft, then convert.
     return image, mode
+
+  def decode(self, data):
+    """The whole stored image, decoded at full size (uint8 `[h, w, c]`)."""
+    image, mode = self._open(data)
+    _decoded(image.load)
+    return self._array(image, mode)
 
   def _array(self, image, mode):
     if image.mode != mode:
@@ -170,9 +203,11 @@ class HostTransform:
       side = self.eval_crop_fraction * min(width, height)
       box = ((width - side) / 2, (height - side) / 2, side, side)
       image = _crop_resized(image, box, self.height)
-    elif (width, height) != (self.width, self.height):
-      image = image.resize((self.width, self.height),
-                           Image.Resampling.BILINEAR)
+    else:
+      _decoded(image.load)
+      if (width, height) != (self.width, self.height):
+        image = image.resize((self.width, self.height),
+                             Image.Resampling.BILINEAR)
     return self._array(image, mode)
 
   def train(self, data, seed, epoch, record):

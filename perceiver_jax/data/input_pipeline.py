@@ -86,7 +86,8 @@ class Pipeline:
     else:
       self._source = streaming.StreamingStorage(
           data_builder, config, self.sampler, transform,
-          storage_lib.num_workers(config))
+          storage_lib.num_workers(config),
+          automatic=_option(config, storage_lib, 'data_workers') == -1)
     self._num_epochs = config.num_epochs
     self._stats_examples = _option(config, storage_lib,
                                    'normalization_examples')

@@ -14,22 +14,28 @@ import contextlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from perceiver_jax import errors
 from perceiver_jax.data import datasets
 from perceiver_jax.data import host_transforms
+from perceiver_jax.data import records
 from perceiver_jax.data import splits as splits_lib
 
 _READ_BATCH = 1024  # Examples per tf.data batch while decoding into memory.
 
 
-def _read_tfrecord(data_builder, tfds_split, start, stop, info):
-  """Decodes examples [start, stop) of a TFRecord split with tf.data."""
+def _read_tfrecord(data_builder, where, start, stop, info):
+  """Decodes examples [start, stop) of a TFRecord split with tf.data.
+
+  tf.data names no record when one does not decode; the error gives the
+  range, and the data check names the record once the files are ArrayRecord.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   images = [np.zeros((0, info.height, info.width, info.channels), np.uint8)]
   labels = [np.zeros((0,), np.int32)]
   if stop > start:
     ds = data_builder.as_dataset(
         split=tfds.core.ReadInstruction(
-            tfds_split, from_=start, to=stop, unit='abs'),
+            where.tfds_split, from_=start, to=stop, unit='abs'),
         shuffle_files=False,
         # Read files one after the other: stored order, not interleaved.
         read_config=tfds.ReadConfig(interleave_cycle_length=1),
@@ -43,20 +49,33 @@ def _read_tfrecord(data_builder, tfds_split, start, stop, info):
       return image, tf.cast(example['label'], tf.int32)
 
     ds = ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
-    for x, y in tfds.as_numpy(ds.batch(_READ_BATCH)):
-      images.append(x)
-      labels.append(y)
+    try:
+      for x, y in tfds.as_numpy(ds.batch(_READ_BATCH)):
+        images.append(x)
+        labels.append(y)
+    except tf.errors.InvalidArgumentError as e:
+      raise errors.InputError(
+          f'A record among {start}..{stop - 1} of tfds split '
+          f'{where.tfds_split!r} of dataset {where.dataset!r} (read for the '
+          f'{where.split} split) does not decode ({e.message.splitlines()[0]}'
+          '). The dataset is prepared as TFRecord, which cannot name it: '
+          'convert it to ArrayRecord (`tfds convert_format '
+          f'--dataset_version_dir={data_builder.data_dir} '
+          f'--out_file_format={datasets.ARRAY_RECORD}`) and list the bad '
+          f'records with `{records.CHECK_COMMAND}`, then prepare the dataset '
+          'again.') from None
   return np.concatenate(images), np.concatenate(labels)
 
 
-def _read_records(source, start, stop, transform):
-  """Decodes records [start, stop) of a data source (evaluation view)."""
-  records = [source[i] for i in range(start, stop)]
+def _read_records(source, start, stop, transform, where):
+  """Decodes records [start, stop) of a data source (evaluation view);
+  `where` (`records.Where`) names a record that does not decode."""
+  rows = [source[i] for i in range(start, stop)]
   shape = (transform.height, transform.width, transform.channels)
-  images = np.zeros((len(records),) + shape, np.uint8)
-  for i, record in enumerate(records):
-    images[i] = transform.eval(record['image'])
-  return images, np.asarray([r['label'] for r in records], np.int32)
+  images = np.zeros((len(rows),) + shape, np.uint8)
+  for i, record in enumerate(rows):
+    images[i] = records.decoded(transform.eval, record, where, start + i)
+  return images, np.asarray([r['label'] for r in rows], np.int32)
 
 
 class MemoryStorage:
@@ -75,18 +94,20 @@ class MemoryStorage:
     mock = (tfds.testing.mock_data(num_examples=config.mock_num_examples)
             if config.mock_data else contextlib.nullcontext())
     info = datasets.dataset_info(data_builder, config)
-    records = (not config.mock_data and
-               datasets.file_format(data_builder) == datasets.ARRAY_RECORD)
+    array_records = (not config.mock_data and datasets.file_format(
+        data_builder) == datasets.ARRAY_RECORD)
     self._data = {}  # split -> (images, labels), by position in the split.
     with mock:
       for split in splits_lib.SPLITS:
         tfds_split, start, stop = sampler.splits[split]
-        if records:
+        where = records.Where(data_builder.name, split, tfds_split)
+        if array_records:
           source = datasets.data_source(data_builder, tfds_split, config)
-          self._data[split] = _read_records(source, start, stop, transform)
+          self._data[split] = _read_records(source, start, stop, transform,
+                                            where)
         else:
-          self._data[split] = _read_tfrecord(data_builder, tfds_split, start,
-                                             stop, info)
+          self._data[split] = _read_tfrecord(data_builder, where, start, stop,
+                                             info)
         if len(self._data[split][1]) != stop - start:
           raise RuntimeError(f'Read {len(self._data[split][1])} {split} '
                              f'examples, expected {stop - start}.')

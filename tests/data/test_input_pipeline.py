@@ -192,9 +192,9 @@ def test_memory_storage_reads_each_split_once(fake_cifar100, monkeypatch):
   reads = []
   real_read = memory._read_records  # pylint: disable=protected-access
 
-  def spy(source, start, stop, transform):
+  def spy(source, start, stop, *rest):
     reads.append((source.split, start, stop))
-    return real_read(source, start, stop, transform)
+    return real_read(source, start, stop, *rest)
 
   monkeypatch.setattr(memory, '_read_records', spy)
   config = tfds_fixtures.make_config(fake_cifar100.data_dir, batch_size=8,

@@ -12,6 +12,8 @@ tfds does not validate it. Any attempt to reach the network fails the test.
 
 Use the `fake_cifar100` session fixture (import it into a test module), or
 `make_config(data_dir)` for a configs/cifar100.py config on such a dir.
+`tiny_jpegs` and `bad_jpegs` are JPEGs of varying sizes, the second with
+two records that do not decode.
 """
 
 import dataclasses
@@ -20,6 +22,7 @@ import pathlib
 import tarfile
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
@@ -207,5 +210,67 @@ def tiny_rectangles(tmp_path_factory):
   """TinyRectangles prepared as ArrayRecord; returns the data dir."""
   data_dir = tmp_path_factory.mktemp('tiny_rectangles') / 'tfds'
   TinyRectangles(data_dir=str(data_dir)).download_and_prepare(
+      file_format='array_record')
+  return str(data_dir)
+
+
+def _jpeg(height, width, seed, noise=False):
+  """A smooth (or noisy) random image, JPEG-encoded by Pillow."""
+  rng = np.random.default_rng(seed)
+  if noise:
+    image = rng.integers(0, 256, (height, width, 3))
+  else:
+    base = rng.integers(0, 256, (4, 4, 3)).astype(np.float64)
+    image = np.kron(base, np.ones((12, 12, 1)))[:height, :width]
+  out = io.BytesIO()
+  Image.fromarray(image.astype(np.uint8)).save(out, format='JPEG')
+  return out.getvalue()
+
+
+class BadJpegs(tfds.core.GeneratorBasedBuilder):
+  """JPEGs stored byte for byte, with imagenet2012's `file_name` feature.
+
+  Two records do not decode: `TRUNCATED` (a JPEG cut in half) and
+  `NOT_IMAGE` (text bytes). tfds stores image bytes as given, and
+  `disable_shuffling` keeps the generated order, so a record's index in its
+  tfds split is the `i` it was generated with.
+  """
+  VERSION = tfds.core.Version('1.0.0')
+  NUM_TRAIN = 20
+  NUM_TEST = 6
+  TRUNCATED = ('train', 3)  # In our training split (the first 90%).
+  NOT_IMAGE = ('test', 2)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, disable_shuffling=True,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3),
+                                         encoding_format='jpeg'),
+            'label': tfds.features.ClassLabel(num_classes=5),
+            'file_name': tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split, num) for split, num in
+            (('train', self.NUM_TRAIN), ('test', self.NUM_TEST))}
+
+  def _generate_examples(self, split, num):
+    for i in range(num):
+      data = _jpeg(20 + i, 40 - i, seed=i)
+      if (split, i) == self.TRUNCATED:  # Past its header, short of its end.
+        data = _jpeg(48, 48, seed=i, noise=True)
+        data = data[:len(data) * 2 // 3]
+      elif (split, i) == self.NOT_IMAGE:
+        data = b'This file is no image.'
+      yield i, {'image': data, 'label': i % 5,
+                'file_name': f'{split}_{i:03d}.JPEG'}
+
+
+@pytest.fixture(scope='session')
+def bad_jpegs(tmp_path_factory):
+  """BadJpegs prepared as ArrayRecord; returns the data dir."""
+  data_dir = tmp_path_factory.mktemp('bad_jpegs') / 'tfds'
+  BadJpegs(data_dir=str(data_dir)).download_and_prepare(
       file_format='array_record')
   return str(data_dir)
