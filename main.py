@@ -17,6 +17,10 @@ Before a long run, decode every record it would read (no accelerator used;
 exit status 1 when a record does not decode):
   python main.py --mode=check_data --config=configs/imagenet_perceiver.py
 
+Another implementation's weights as a workdir the tools and
+`--config.init_from` use (HuggingFace's Perceiver IO classifiers):
+  python main.py --mode=import --source=HF_FOLDER --workdir=DIR
+
 Python 3.11 or later. `--help` and flag errors come back at once: jax and
 tensorflow are imported only once the flags are valid.
 """
@@ -65,12 +69,20 @@ flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints and logs (local, NFS or '
     f'gs://). Default: {RUNS_DIR}/<config name> under the current directory.')
 flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval', 'predict', 'attention', 'check_data'],
+    'mode', 'train',
+    ['train', 'eval', 'predict', 'attention', 'check_data', 'import'],
     'train: train and test. eval: test the weights training tested (the '
     'early-stopping best with restore_best_weights, else the last). '
     'predict: top-5 classes of --images. attention: cross-attention maps of '
     '--num_images test images, written to --output. check_data: decode every '
-    'record of the splits --config uses and list those that do not decode.')
+    'record of the splits --config uses and list those that do not decode. '
+    'import: write the workdir of the checkpoint at --source.')
+flags.DEFINE_string(
+    'source', None, '--mode=import: a HuggingFace checkpoint folder '
+    '(config.json with model.safetensors or pytorch_model.bin) of a '
+    'Perceiver IO image classifier. --config, if given, is the config '
+    'whose data and recipe fields the workdir keeps (default '
+    'configs/imagenet_perceiver_io.py).')
 flags.DEFINE_list('images', [], '--mode=predict: image files (PNG, JPEG, '
                   '...), comma-separated; they may also follow the flags.')
 flags.DEFINE_integer('num_images', 8, '--mode=attention: test images (rows).')
@@ -143,6 +155,16 @@ def _check_data():
     sys.exit(1)
 
 
+def _run_import(workdir):
+  """--mode=import: the checkpoint at --source as a workdir."""
+  # pylint: disable=g-import-not-at-top
+  from configs import imagenet_perceiver_io
+  from perceiver_jax.convert import importer
+  # pylint: enable=g-import-not-at-top
+  base = FLAGS.config or imagenet_perceiver_io.get_config()
+  importer.import_checkpoint(FLAGS.source, workdir, base)
+
+
 def _config_file():
   """The --config file's path (any `:argument` suffix removed), or None."""
   if FLAGS.config is None:
@@ -183,6 +205,9 @@ def main(argv):
   if FLAGS.mode in ('train', 'check_data') and FLAGS.config is None:
     raise app.UsageError(f'--config is required for --mode={FLAGS.mode}, '
                          'e.g. --config=configs/cifar100.py.')
+  if FLAGS.mode == 'import' and not (FLAGS.source and FLAGS.workdir):
+    raise app.UsageError('--mode=import needs --source=CHECKPOINT_FOLDER and '
+                         '--workdir=DIR (a new one).')
   if FLAGS.mode == 'check_data':
     _check_data()
     return
@@ -206,6 +231,8 @@ def main(argv):
   try:
     if FLAGS.mode == 'train':
       loop.train_and_evaluate(FLAGS.config, workdir)
+    elif FLAGS.mode == 'import':
+      _run_import(workdir)
     else:
       _run_tool(workdir, argv)
   except preemption.Preempted as e:

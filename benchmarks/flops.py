@@ -89,7 +89,17 @@ def analytic_flops_per_example(config, num_classes, channels=CHANNELS,
   patch_values = model.patch_size**2 * channels
   data_width = model.data_width(channels)
   fourier = position_lib.num_fourier_features(2, model.fourier_num_bands)
-  if model.position_encoding == 'learned':
+  stem = model.preprocessor_channels
+  if model.preprocessor == 'conv1x1':
+    # Pixels projected; the position table's projection once per batch.
+    patch_projection = 2 * m * channels * stem + 2 * m * stem * stem / (
+        batch_size)
+  elif model.preprocessor == 'conv':
+    # The 7x7 convolution at stride 2 (its output is ceil(size / 2) wide);
+    # BatchNorm, ReLU and the max-pool are elementwise.
+    conv_cells = (-(-model.image_size // 2))**2
+    patch_projection = 2 * conv_cells * 7 * 7 * channels * stem
+  elif model.position_encoding == 'learned':
     patch_projection = 2 * m * patch_values * d
   elif model.cross_attention_width == 'input':
     patch_projection = 0  # The data array is the unprojected inputs.
@@ -108,34 +118,41 @@ def analytic_flops_per_example(config, num_classes, channels=CHANNELS,
       sharing.num_weight_sets(model.weight_sharing, kind, t_max)
       for kind in (sharing.CROSS_ATTENTION, sharing.TRANSFORMER))
 
-  def spread(flops, sets, per_example=False):
-    # XLA computes what iterations sharing weights share once per weight
-    # set (the folded form's weight products once per step, too), but its
-    # gradient once per iteration; counted so that 3x the forward is the
-    # step's total, per iteration (and spread over the examples).
-    return flops * (sets + 2 * t_max) / (
-        3 * t_max * (1 if per_example else batch_size))
+  t_cross = model.num_cross_attends
 
-  decoder_heads = max(cross_heads, 1)
+  def spread(flops, sets, per_example=False, calls=t_max):
+    # XLA computes what `calls` sharing weights share once per weight
+    # set (the folded form's weight products once per step, too), but its
+    # gradient once per call; counted so that 3x the forward is the
+    # step's total, per call (and spread over the examples).
+    return flops * (sets + 2 * calls) / (
+        3 * calls * (1 if per_example else batch_size))
+
+  # The 'query' decoder has the cross-attention's heads, 'perceiver_io' one.
+  decoder_heads = max(cross_heads, 1) if model.decoder == 'query' else 1
   decoder_shape = (1, n, d, d, d, decoder_heads, d // decoder_heads)
 
   def parts_in(cross_folded, latent_folded, decoder_folded):
     cross = attention_flops(cross_folded, *cross_shape)
     latent = attention_flops(latent_folded, *latent_shape)
     decoder = 0
-    if model.decoder == 'query':  # Its weight products once per step.
+    if model.decoder != 'mean':  # Its weight products once per step.
       decoder = attention_flops(decoder_folded, *decoder_shape)
       weights = decoder.pop('weights')
       decoder = sum(decoder.values()) + weights / batch_size
+    if model.decoder == 'perceiver_io':  # The block's MLP on the query.
+      decoder += _dense_chain_flops(1, ffn)
     return {
         'patch_projection': patch_projection,
-        'data_key_value': t_max * spread(cross['key_value'], cross_sets,
-                                         per_example=True),
+        'data_key_value': t_cross * spread(
+            cross['key_value'], min(cross_sets, t_cross), per_example=True,
+            calls=t_cross),
         # Per iteration: q from the latents, logits and the weighted sum of
         # values, the output projection, the FFN on the latents.
         'cross_attention': (cross['query'] + cross['attention'] +
                             cross['output'] + _dense_chain_flops(n, ffn)),
-        'cross_weight_folding': spread(cross['weights'], cross_sets),
+        'cross_weight_folding': spread(
+            cross['weights'], min(cross_sets, t_cross), calls=t_cross),
         # Per block and iteration.
         'transformer_block': (latent['query'] + latent['key_value'] +
                               latent['attention'] + latent['output'] +
@@ -147,10 +164,10 @@ def analytic_flops_per_example(config, num_classes, channels=CHANNELS,
     }
 
   def total(p):
-    return (p['patch_projection'] + p['data_key_value'] + t_max * (
-        p['cross_attention'] + p['cross_weight_folding'] +
-        model.num_transformer_blocks * (p['transformer_block'] +
-                                        p['weight_folding'])) +
+    return (p['patch_projection'] + p['data_key_value'] + t_cross * (
+        p['cross_attention'] + p['cross_weight_folding']) +
+            t_max * model.num_transformer_blocks * (
+                p['transformer_block'] + p['weight_folding']) +
             p['decoder'] + p['classifier'])
 
   parts = parts_in(
@@ -161,7 +178,7 @@ def analytic_flops_per_example(config, num_classes, channels=CHANNELS,
   factored = parts_in(False, False, False)
   parts['total'] = total(parts)
   parts['factored_total'] = total(factored)
-  parts['as_written_total'] = total(dict(factored, data_key_value=t_max * (
+  parts['as_written_total'] = total(dict(factored, data_key_value=t_cross * (
       attention_flops(False, *cross_shape)['key_value'])))
   return parts
 

@@ -69,7 +69,7 @@ def test_mistyped_config_path_is_one_line_listing_the_configs(tmp_path):
       'Error: --config=configs/no_such_config.py: no such file. The configs '
       'are: configs/cifar100.py, configs/cifar100_fast.py, '
       'configs/cifar100_paper.py, configs/fake_data.py, '
-      'configs/imagenet_perceiver.py.')
+      'configs/imagenet_perceiver.py, configs/imagenet_perceiver_io.py.')
 
 
 def test_design_command_starts_with_a_default_workdir(tmp_path):

@@ -43,8 +43,10 @@ from perceiver_jax.model import folded as folded_lib
 
 # Keras' default kernel initialiser for 2-D kernels.
 keras_glorot_uniform = nn.initializers.glorot_uniform()
-# Keras LayerNormalization(epsilon=1e-6); two-pass variance for stability.
-LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6,
+# Keras LayerNormalization(epsilon=1e-6), the seed's; haiku's and PyTorch's
+# is 1e-5 (config `layer_norm_epsilon`). Two-pass variance for stability.
+LAYER_NORM_EPSILON = 1e-6
+LayerNorm = functools.partial(nn.LayerNorm, epsilon=LAYER_NORM_EPSILON,
                               use_fast_variance=False)
 # Name of the sown cross-attention weights, [batch, heads, queries, inputs].
 ATTENTION_WEIGHTS = 'cross_attention_weights'

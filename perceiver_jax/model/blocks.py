@@ -4,6 +4,7 @@ Transformer modules, in the Keras example's layer order.
 `perceiver.Perceiver` stacks them; each validates its own sizes.
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -68,13 +69,8 @@ def problems(values, field=str):
   out = []
   width, heads = values.get('projection_dim'), values.get('num_cross_heads')
   if values.get('cross_attention_width') == 'input':
+    # What the data array must then be is the encoders' rule.
     out.append(input_width_problem('input', heads, field))
-    if (values.get('position_encoding'), values.get('fourier_mode')) != (
-        'fourier', 'concat'):
-      out.append(f"{field('cross_attention_width')}='input' needs "
-                 f"{field('position_encoding')}='fourier' with "
-                 f"{field('fourier_mode')}='concat': the data array is then "
-                 'the pixel values and their Fourier features, unprojected')
   else:
     out.append(cross_heads_problem(heads, width, field))
   heads = values.get('num_heads')
@@ -98,6 +94,7 @@ class FeedForward(nn.Module):
   dtype: Any = jnp.float32
   final_dropout: bool = True
   dropout_bits: str = 'hash'
+  gelu_approximate: bool = False
 
   def __post_init__(self):
     checks.enforce(self, {'units': checks.tuple_of_positive_ints(),
@@ -112,7 +109,9 @@ class FeedForward(nn.Module):
                    kernel_init=attention_lib.keras_glorot_uniform,
                    name=f'dense_{i}')(x)
       if i < len(self.units) - 1:
-        x = nn.gelu(x, approximate=False)  # tf.nn.gelu's default, exact erf.
+        # Exact erf (tf.nn.gelu's default) or the tanh approximation
+        # (jax.nn.gelu's, which DeepMind's Perceiver code uses).
+        x = nn.gelu(x, approximate=self.gelu_approximate)
     if not self.final_dropout:
       return x
     return dropout_lib.Dropout(self.dropout_rate, self.dropout_bits)(
@@ -146,6 +145,8 @@ class CrossAttentionBlock(nn.Module):
   attention_init: str = 'keras2'
   width: str = 'latent'
   residual: str = 'normalized'
+  layer_norm_epsilon: float = attention_lib.LAYER_NORM_EPSILON
+  gelu_approximate: bool = False
 
   def __post_init__(self):
     checks.enforce(self, {
@@ -160,9 +161,10 @@ class CrossAttentionBlock(nn.Module):
   @nn.compact
   def __call__(self, latents, data, deterministic):
     inputs = latents
-    latents = attention_lib.LayerNorm(dtype=self.dtype,
-                                      name='latent_norm')(latents)
-    data = attention_lib.LayerNorm(dtype=self.dtype, name='data_norm')(data)
+    norm = functools.partial(attention_lib.LayerNorm, dtype=self.dtype,
+                             epsilon=self.layer_norm_epsilon)
+    latents = norm(name='latent_norm')(latents)
+    data = norm(name='data_norm')(data)
     if self.num_heads:
       width = self.projection_dim if self.width == 'latent' else data.shape[-1]
       if width % self.num_heads:  # Only 'input': its width is the data's.
@@ -183,8 +185,9 @@ class CrossAttentionBlock(nn.Module):
           compute=self.compute, name='attention')
     x = attention(latents, data, deterministic=deterministic)
     ffn = FeedForward(self.ffn_units, self.dropout_rate, dtype=self.dtype,
-                      dropout_bits=self.compute.dropout_bits, name='ffn')
-    ffn_norm = attention_lib.LayerNorm(dtype=self.dtype, name='ffn_norm')
+                      dropout_bits=self.compute.dropout_bits,
+                      gelu_approximate=self.gelu_approximate, name='ffn')
+    ffn_norm = norm(name='ffn_norm')
     if self.residual == 'pre_norm':
       x = x + inputs
       return x + ffn(ffn_norm(x), deterministic=deterministic)
@@ -202,19 +205,24 @@ class TransformerBlock(nn.Module):
   dtype: Any = jnp.float32
   compute: compute_lib.Compute = compute_lib.Compute()
   attention_init: str = 'keras2'
+  layer_norm_epsilon: float = attention_lib.LAYER_NORM_EPSILON
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic):
-    y = attention_lib.LayerNorm(dtype=self.dtype, name='attention_norm')(x)
+    norm = functools.partial(attention_lib.LayerNorm, dtype=self.dtype,
+                             epsilon=self.layer_norm_epsilon)
+    y = norm(name='attention_norm')(x)
     y = attention_lib.MultiHeadSelfAttention(
         self.num_heads, self.head_dim, self.attention_dropout_rate,
         dtype=self.dtype, compute=self.compute,
         attention_init=self.attention_init, name='self_attention')(
             y, deterministic=deterministic)
     x = x + y
-    y = attention_lib.LayerNorm(dtype=self.dtype, name='ffn_norm')(x)
+    y = norm(name='ffn_norm')(x)
     y = FeedForward(self.ffn_units, self.dropout_rate, dtype=self.dtype,
-                    dropout_bits=self.compute.dropout_bits, name='ffn')(
+                    dropout_bits=self.compute.dropout_bits,
+                    gelu_approximate=self.gelu_approximate, name='ffn')(
                         y, deterministic=deterministic)
     return x + y
 
@@ -231,6 +239,8 @@ class LatentTransformer(nn.Module):
   compute: compute_lib.Compute = compute_lib.Compute()
   attention_init: str = 'keras2'
   remat: bool = False
+  layer_norm_epsilon: float = attention_lib.LAYER_NORM_EPSILON
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x, *, deterministic):
@@ -241,7 +251,9 @@ class LatentTransformer(nn.Module):
           self.num_heads, self.head_dim, self.ffn_units, self.dropout_rate,
           self.attention_dropout_rate, dtype=self.dtype,
           compute=self.compute,
-          attention_init=self.attention_init, name=f'block_{i}')(
+          attention_init=self.attention_init,
+          layer_norm_epsilon=self.layer_norm_epsilon,
+          gelu_approximate=self.gelu_approximate, name=f'block_{i}')(
               x, deterministic)
     return x
 

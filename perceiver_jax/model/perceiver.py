@@ -18,6 +18,15 @@ latent self-attention heads that split the width, a truncated-normal latent
 array, a Perceiver IO query decoder (`decoders.py`) and no dropout on the
 logits.
 
+Perceiver IO's ImageNet classifiers (Jaegle et al. 2022) are a third
+arrangement of the same modules, set by options too: one cross-attend, then
+the latent Transformer applied `num_iterations` times with shared weights
+(`cross_attend='first_iteration'`, `weight_sharing='all'`: their
+`num_blocks` x `num_self_attends_per_block`), their preprocessors
+(`preprocessor`, `encoders.py`), their decoder (`decoder='perceiver_io'`),
+LayerNorm epsilon (`layer_norm_epsilon`) and GELU (`gelu_approximate`).
+See configs/imagenet_perceiver_io.py.
+
 Differences from the seed that do not change the function: the model takes
 already normalised and augmented images (augmentation runs in the input
 pipeline / train step), and the latent array is broadcast over the batch
@@ -40,9 +49,13 @@ from perceiver_jax.model import folded as folded_lib
 from perceiver_jax.model import position_encoding as position_lib
 from perceiver_jax.model import sharing
 
-# How latents become the class representation: 'mean' (the seed) or
-# 'query' (Perceiver IO: a learned query cross-attends the latents).
-DECODERS = ('mean', 'query')
+# How latents become the class representation: 'mean' (the seed), 'query'
+# (a learned query cross-attends the latents) or 'perceiver_io' (Perceiver
+# IO's whole decoder block: `decoders.PerceiverIODecoder`).
+DECODERS = ('mean', 'query', 'perceiver_io')
+# Which iterations cross-attend: every one (the seed, the 2021 paper) or
+# only the first (Perceiver IO: later iterations apply the Transformer).
+CROSS_ATTENDS = ('every_iteration', 'first_iteration')
 
 # The model's options, as `Perceiver` and the config (same names) take them.
 RULES = {
@@ -63,6 +76,14 @@ RULES = {
     'latent_init': checks.one_of('random_normal', 'truncated_normal'),
     'decoder': checks.one_of(*DECODERS),
     'logits_dropout': checks.BOOL,
+    'cross_attend': checks.one_of(*CROSS_ATTENDS),
+    # Every LayerNorm's: the seed's Keras 1e-6, or haiku's and PyTorch's
+    # 1e-5 (Perceiver IO's published weights).
+    'layer_norm_epsilon': checks.number(
+        0.0, low_open=True, requirement='a positive number', example=1e-5),
+    # GELU's tanh approximation (jax.nn.gelu's default, DeepMind's code)
+    # instead of the exact erf (the seed's, and HuggingFace's 'gelu').
+    'gelu_approximate': checks.BOOL,
 }
 # The config names the compute dtype; the model holds it as a jnp dtype.
 DTYPE_RULE = checks.one_of('float32', 'bfloat16', 'float16')
@@ -94,6 +115,7 @@ def problems(values, field=str):
           f'({width}) because the FFN output is added back to its input; '
           f'set its last entry to {field("projection_dim")}')
   out += blocks.problems(values, field)
+  out += encoders.problems(values, field)
   return [p for p in out if p]
 
 
@@ -134,6 +156,11 @@ class Perceiver(nn.Module):
       'truncated_normal' (DeepMind's, stddev 0.02, cut at 2 stddev).
     decoder: one of DECODERS.
     logits_dropout: end the classifier with dropout on the logits (seed).
+    cross_attend: one of CROSS_ATTENDS.
+    layer_norm_epsilon: every LayerNorm's epsilon.
+    gelu_approximate: GELU's tanh approximation instead of the exact erf.
+    preprocessor, preprocessor_channels, conv_stem_padding: how images
+      become the data array (`encoders.RULES`).
   """
   image_size: int
   patch_size: int
@@ -163,6 +190,12 @@ class Perceiver(nn.Module):
   latent_init: str = 'random_normal'
   decoder: str = 'mean'
   logits_dropout: bool = True
+  cross_attend: str = 'every_iteration'
+  layer_norm_epsilon: float = attention_lib.LAYER_NORM_EPSILON
+  gelu_approximate: bool = False
+  preprocessor: str = 'patches'
+  preprocessor_channels: int = 256
+  conv_stem_padding: str = 'same'
 
   def __post_init__(self):
     values = {name: getattr(self, name) for name in RULES}
@@ -174,8 +207,22 @@ class Perceiver(nn.Module):
     super().__post_init__()
 
   @property
+  def input_grid(self):
+    """(rows, cols) of the inputs the cross-attention reads."""
+    return encoders.input_grid(self.preprocessor, self.image_size,
+                               self.patch_size, self.conv_stem_padding)
+
+  @property
   def num_patches(self):
-    return (self.image_size // self.patch_size)**2
+    """Inputs the cross-attention reads (patches, pixels or stem cells)."""
+    rows, cols = self.input_grid
+    return rows * cols
+
+  @property
+  def num_cross_attends(self):
+    """Cross-attention calls, each sowing its weights (attention maps)."""
+    return 1 if self.cross_attend == 'first_iteration' else (
+        self.num_iterations)
 
   @property
   def latent_head_dim(self):
@@ -187,8 +234,12 @@ class Perceiver(nn.Module):
     """Width of the data array the cross-attention reads."""
     if self.cross_attention_width == 'latent':
       return self.projection_dim
-    return self.patch_size**2 * channels + position_lib.num_fourier_features(
-        2, self.fourier_num_bands)
+    if self.preprocessor == 'conv1x1':
+      return 2 * self.preprocessor_channels
+    fourier = position_lib.num_fourier_features(2, self.fourier_num_bands)
+    if self.preprocessor == 'conv':
+      return self.preprocessor_channels + fourier
+    return self.patch_size**2 * channels + fourier
 
   def latent_attention_folded(self, batch_size):
     """Whether the latent self-attention runs folded at `batch_size`."""
@@ -229,15 +280,10 @@ class Perceiver(nn.Module):
     deterministic = not train
     common = dict(dropout_rate=self.dropout_rate,
                   attention_dropout_rate=self.attention_dropout_rate,
-                  dtype=self.dtype, compute=self.compute)
-    data = encoders.PatchEncoder(
-        self.patch_size, self.num_patches, self.projection_dim,
-        dtype=self.dtype, position_encoding=self.position_encoding,
-        fourier_num_bands=self.fourier_num_bands,
-        fourier_max_resolution=self.fourier_max_resolution,
-        fourier_mode=self.fourier_mode,
-        project=self.cross_attention_width == 'latent',
-        name='patch_encoder')(images.astype(self.dtype))
+                  dtype=self.dtype, compute=self.compute,
+                  layer_norm_epsilon=self.layer_norm_epsilon,
+                  gelu_approximate=self.gelu_approximate)
+    data = self._encoder()(images.astype(self.dtype))
     latent_array = self.param(
         'latent_array',
         nn.initializers.normal(stddev=0.05)  # Keras random_normal.
@@ -272,23 +318,50 @@ class Perceiver(nn.Module):
           sharing.weight_set(mode, sharing.CROSS_ATTENTION, t)]
       transformer = transformers[
           sharing.weight_set(mode, sharing.TRANSFORMER, t)]
-      latents = cross_attend(latents, data, deterministic)
+      if t < self.num_cross_attends:
+        latents = cross_attend(latents, data, deterministic)
       latents = transformer(latents, deterministic=deterministic)
     if self.decoder == 'mean':
       representation = jnp.mean(latents, axis=1)  # GlobalAveragePooling1D.
+    elif self.decoder == 'perceiver_io':
+      representation = decoders.PerceiverIODecoder(
+          self.projection_dim, tuple(self.ffn_units),
+          attention_init=self.attention_init, name='decoder', **common)(
+              latents, deterministic=deterministic)
     else:
       representation = decoders.QueryDecoder(
           self.projection_dim, max(self.num_cross_heads, 1),
           self.attention_dropout_rate, dtype=self.dtype,
-          compute=self.compute,
-          attention_init=self.attention_init, name='decoder')(
+          compute=self.compute, attention_init=self.attention_init,
+          layer_norm_epsilon=self.layer_norm_epsilon, name='decoder')(
               latents, deterministic=deterministic)
     logits = blocks.FeedForward(
         tuple(self.classifier_units) + (self.num_classes,), self.dropout_rate,
         dtype=self.dtype, final_dropout=self.logits_dropout,
+        gelu_approximate=self.gelu_approximate,
         dropout_bits=self.compute.dropout_bits, name='classifier')(
             representation, deterministic=deterministic)
     return logits.astype(jnp.float32)
+
+  def _encoder(self):
+    """The module that turns images into the data array."""
+    if self.preprocessor == 'conv1x1':
+      return encoders.Conv1x1Encoder(
+          self.num_patches, self.preprocessor_channels, dtype=self.dtype,
+          name='conv1x1_encoder')
+    if self.preprocessor == 'conv':
+      return encoders.ConvStemEncoder(
+          self.preprocessor_channels, self.fourier_num_bands,
+          self.fourier_max_resolution, self.conv_stem_padding,
+          dtype=self.dtype, name='conv_encoder')
+    return encoders.PatchEncoder(
+        self.patch_size, self.num_patches, self.projection_dim,
+        dtype=self.dtype, position_encoding=self.position_encoding,
+        fourier_num_bands=self.fourier_num_bands,
+        fourier_max_resolution=self.fourier_max_resolution,
+        fourier_mode=self.fourier_mode,
+        project=self.cross_attention_width == 'latent',
+        name='patch_encoder')
 
 
 # Config fields the model reads with a default, and the default: the seed's
@@ -299,7 +372,11 @@ OPTION_DEFAULTS = dict(
     fourier_max_resolution=0, fourier_mode='concat', weight_sharing='all',
     num_cross_heads=0, cross_attention_width='latent',
     cross_attention_residual='normalized', latent_head_width='full',
-    latent_init='random_normal', decoder='mean', logits_dropout=True)
+    latent_init='random_normal', decoder='mean', logits_dropout=True,
+    cross_attend='every_iteration',
+    layer_norm_epsilon=attention_lib.LAYER_NORM_EPSILON,
+    gelu_approximate=False, preprocessor='patches', preprocessor_channels=256,
+    conv_stem_padding='same')
 
 
 def create_model(config, num_classes):

@@ -5,12 +5,16 @@ of each input's coordinates, so the model knows where a pixel or patch is
 without learning it and without a table tied to one input size. The layout
 matches DeepMind's `perceiver/position_encoding.py`
 (`build_linear_positions`, `generate_fourier_features`), so features and
-weights line up with that implementation.
+weights line up with that implementation. The features are constants of
+the grid, computed in float64 with numpy and rounded once to float32: the
+highest bands' arguments reach pi * max_resolution / 2, where float32
+linspaces differ between libraries by 1e-5 relative (jnp.linspace's error
+is 3x torch's), which a model imported from another implementation would
+otherwise see.
 """
 
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 FOURIER_MODES = ('concat', 'add')
@@ -26,11 +30,11 @@ def build_linear_positions(index_dims: Sequence[int],
     output_range: (min, max) of every axis; a size-1 axis sits at min.
 
   Returns:
-    float32 `[*index_dims, len(index_dims)]`; last axis: (row, col, ...).
+    float64 `[*index_dims, len(index_dims)]`; last axis: (row, col, ...).
   """
-  axes = [jnp.linspace(output_range[0], output_range[1], num=n,
-                       endpoint=True, dtype=jnp.float32) for n in index_dims]
-  return jnp.stack(jnp.meshgrid(*axes, indexing='ij'), axis=-1)
+  axes = [np.linspace(output_range[0], output_range[1], num=n,
+                      endpoint=True, dtype=np.float64) for n in index_dims]
+  return np.stack(np.meshgrid(*axes, indexing='ij'), axis=-1)
 
 
 def num_fourier_features(num_dims, num_bands, concat_pos=True):
@@ -54,7 +58,7 @@ def generate_fourier_features(pos, num_bands: int,
     concat_pos: prepend the raw positions, as DeepMind's default does.
 
   Returns:
-    `[n, d * (2K + concat_pos)]`, ordered
+    float32 `[n, d * (2K + concat_pos)]`, ordered
     `[pos_1..pos_d, sin(pi f_1 pos_1)..sin(pi f_K pos_1), ..., sin(.. pos_d),
     cos(pi f_1 pos_1)..cos(pi f_K pos_1), ..., cos(.. pos_d)]`.
   """
@@ -64,14 +68,15 @@ def generate_fourier_features(pos, num_bands: int,
     raise ValueError(f'pos must be [n, {len(max_resolution)}] to match '
                      f'max_resolution {tuple(max_resolution)}, got shape '
                      f'{pos.shape}.')
-  freq_bands = jnp.stack([
-      jnp.linspace(1.0, res / 2, num=num_bands, endpoint=True)
+  pos = np.asarray(pos, np.float64)
+  freq_bands = np.stack([
+      np.linspace(1.0, res / 2, num=num_bands, endpoint=True)
       for res in max_resolution], axis=0)  # [d, K]
   per_pos = (pos[:, :, None] * freq_bands[None]).reshape(pos.shape[0], -1)
-  features = [jnp.sin(jnp.pi * per_pos), jnp.cos(jnp.pi * per_pos)]
+  features = [np.sin(np.pi * per_pos), np.cos(np.pi * per_pos)]
   if concat_pos:
     features.insert(0, pos)
-  return jnp.concatenate(features, axis=-1).astype(jnp.float32)
+  return np.concatenate(features, axis=-1).astype(np.float32)
 
 
 def fourier_position_encoding(index_dims: Sequence[int], num_bands: int,

@@ -1,11 +1,13 @@
 """`--mode=attention`: where a trained Perceiver's latents look in an image.
 
-The encoder cross-attention's weights `[batch, heads, latents, patches]`
-(sown by the model when 'intermediates' is mutable, one entry per iteration)
-are averaged over heads, taken from one iteration (the last by default, the
-one whose output feeds the classifier; or their mean, or iteration k), and
-reshaped to the patch grid. Every latent's map is a softmax over patches, so
-it sums to 1; the mean over latents therefore sums to 1 too.
+The encoder cross-attention's weights `[batch, heads, latents, inputs]`
+(sown by the model when 'intermediates' is mutable, one entry per
+cross-attend: every iteration, or only the first with
+`cross_attend='first_iteration'`) are averaged over heads, taken from one
+cross-attend (the last by default, the nearest to the classifier; or their
+mean, or cross-attend k), and reshaped to the input grid (the patch grid,
+or the conv stem's 4x smaller one). Every latent's map is a softmax over
+the inputs, so it sums to 1; the mean over latents therefore sums to 1 too.
 
 The PNG has a title strip of `HEADER` pixels, then one row per test image of
 `2 + num_latents` square tiles of `tile` pixels: the image as the dataset
@@ -27,6 +29,7 @@ from PIL import ImageDraw
 
 from perceiver_jax import errors
 from perceiver_jax.data import input_pipeline
+from perceiver_jax.model import perceiver
 from perceiver_jax.model import sharing
 from perceiver_jax.tools import trained as trained_lib
 from perceiver_jax.training import workdir as workdir_lib
@@ -62,9 +65,9 @@ def cross_attention_maps(trained, images, iteration='last'):
     `(maps, logits)`: float32 `[n, latents, grid, grid]`, each latent's map
     summing to 1 over the `grid x grid` patches, and `[n, classes]`.
   """
-  config = trained.config
-  grid = config.image_size // config.patch_size
-  iteration = parse_iteration(iteration, config.num_iterations)
+  rows, cols = trained.model.input_grid
+  count = trained.model.num_cross_attends
+  iteration = parse_iteration(iteration, count)
 
   @jax.jit
   def run(params, images):
@@ -72,10 +75,10 @@ def cross_attention_maps(trained, images, iteration='last'):
         {'params': params}, trained.preprocess(images), train=False,
         mutable=['intermediates'])
     weights = sharing.cross_attention_weights(state['intermediates'])
-    if len(weights) != config.num_iterations:
+    if len(weights) != count:
       raise ValueError(
           f'The model sowed {len(weights)} cross-attention weight arrays; '
-          f'expected one per iteration ({config.num_iterations}).')
+          f'expected one per cross-attend ({count}).')
     if iteration == 'mean':
       chosen = jnp.mean(jnp.stack(weights), axis=0)
     else:
@@ -89,10 +92,10 @@ def cross_attention_maps(trained, images, iteration='last'):
     maps.append(m)
     logits.append(l)
   maps = np.concatenate(maps)
-  if maps.shape[-1] != grid * grid:
+  if maps.shape[-1] != rows * cols:
     raise ValueError(f'Cross-attention reads {maps.shape[-1]} inputs, not the '
-                     f'{grid}x{grid} patch grid; cannot draw it as an image.')
-  return maps.reshape(maps.shape[:2] + (grid, grid)), np.concatenate(logits)
+                     f'{rows}x{cols} input grid; cannot draw it as an image.')
+  return maps.reshape(maps.shape[:2] + (rows, cols)), np.concatenate(logits)
 
 
 def latent_indices(num_latents, count):
@@ -191,7 +194,8 @@ def run(workdir, *, num_images, output=None, num_latents=4,
     raise errors.InputError(f'tile={tile} pixels is too small to show a map.')
   trained_lib.check_workdir(workdir)
   config = trained_lib.load_config(workdir, overrides)
-  iteration = parse_iteration(iteration, config.num_iterations)
+  count = perceiver.create_model(config, 1).num_cross_attends
+  iteration = parse_iteration(iteration, count)
   output = str(output or
                workdir_lib.path(workdir) / workdir_lib.ATTENTION_MAPS)
   images, labels = first_test_examples(config, num_images)
@@ -207,9 +211,9 @@ def run(workdir, *, num_images, output=None, num_latents=4,
   except OSError as e:
     raise errors.InputError(f'Cannot write --output={output}: '
                             f'{e.strerror or e}.') from None
-  which = {'last': f'the last iteration ({config.num_iterations})',
-           'mean': f'the mean of all {config.num_iterations} iterations'}.get(
-               iteration, f'iteration {iteration}')
+  which = {'last': f'the last cross-attend ({count})',
+           'mean': f'the mean of all {count} cross-attends'}.get(
+               iteration, f'cross-attend {iteration}')
   ema = ', EMA weights' if trained.uses_ema else ''
   print(f'Wrote {output}: cross-attention of {which}, averaged over heads, of '
         f'the {trained.checkpoint} checkpoint (step {trained.step}{ema}). '

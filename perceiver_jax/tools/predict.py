@@ -15,7 +15,7 @@ the model without dropout.
 """
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 import warnings
 
 import numpy as np
@@ -29,7 +29,6 @@ from perceiver_jax.data import host_transforms
 from perceiver_jax.tools import trained as trained_lib
 
 TOP_K = 5
-_BATCH = 64  # Images per forward pass.
 
 
 # Pillow's decompression-bomb limit: a file may declare at most this many
@@ -89,9 +88,10 @@ def load_image(path, transform):
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-  path: str
-  classes: tuple[str, ...]  # Most probable first.
-  probabilities: tuple[float, ...]  # Softmax over all classes, descending.
+  """The most probable classes of one image."""
+  classes: tuple[str, ...]  # Class names, most probable first.
+  probabilities: tuple[float, ...]  # Their softmax probabilities.
+  path: Optional[str] = None  # The image file, when it came from one.
 
 
 def top_k(probabilities, names, k=TOP_K):
@@ -114,6 +114,30 @@ def load_images(paths, config, info):
   return np.stack([load_image(p, transform) for p in paths])
 
 
+def classify(trained, images, k=TOP_K, paths=None):
+  """A Prediction of the top `k` classes of each image.
+
+  Args:
+    trained: a `trained.TrainedModel`.
+    images: uint8 `[n, *trained.input_shape]`.
+    k: how many classes per image (at most all of them).
+    paths: the files the images came from, if they did.
+
+  Raises:
+    errors.InputError: `k` is not a positive integer, or the images do not
+      fit (`TrainedModel.check_images`).
+  """
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise errors.InputError(
+        f'top_k={k!r} must be a positive integer (the number of classes to '
+        f'return per image, e.g. {TOP_K}).')
+  probabilities = softmax(trained.logits(images))
+  paths = [None] * len(probabilities) if paths is None else paths
+  return [Prediction(*top_k(p, trained.class_names, k),
+                     path=None if path is None else str(path))
+          for p, path in zip(probabilities, paths)]
+
+
 def predict(trained, paths, k=TOP_K, images=None):
   """Top-`k` classes of each image file, as a list of Prediction.
 
@@ -121,10 +145,7 @@ def predict(trained, paths, k=TOP_K, images=None):
   """
   if images is None:
     images = load_images(paths, trained.config, trained.info)
-  probs = np.concatenate([softmax(trained.logits(images[i:i + _BATCH]))
-                          for i in range(0, len(images), _BATCH)])
-  return [Prediction(str(p), *top_k(q, trained.class_names, k))
-          for p, q in zip(paths, probs)]
+  return classify(trained, images, k, paths)
 
 
 def format_prediction(prediction):

@@ -23,6 +23,7 @@ from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.data import augment
 from perceiver_jax.data import datasets
+from perceiver_jax.data import host_transforms
 from perceiver_jax.model import perceiver
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import recipe
@@ -138,6 +139,44 @@ class TrainedModel:
   def uses_ema(self):
     return self.params is not self.state.params
 
+  @property
+  def input_shape(self):
+    """`(height, width, channels)` of the images the model takes: those the
+    host serves evaluation (`datasets.DatasetInfo`), before the device
+    resizes them to `image_size`."""
+    return (self.info.height, self.info.width, self.info.channels)
+
+  def check_images(self, images):
+    """`images` as a numpy array, once they prove uint8 `[n, *input_shape]`.
+
+    Raises:
+      errors.InputError: another shape or dtype, saying which it takes.
+    """
+    images = np.asarray(images)
+    want = self.input_shape
+    if images.ndim == 4 and images.shape[1:] == want and (
+        images.dtype == np.uint8):
+      return images
+    height, width, channels = want
+    crop = self.config.get('host_crop',
+                           host_transforms.OPTION_DEFAULTS['host_crop'])
+    if crop == 'inception':
+      view = ('their evaluation view (the shorter side resized to '
+              'image_size / eval_crop_fraction, the centre square)')
+    elif self.info.variable_size:
+      view = f'{self.info.name} images resized whole to image_size'
+    else:
+      view = f'{self.info.name} images as stored'
+      if (height, width) != (self.config.image_size,) * 2:
+        view += (', which evaluation resizes to image_size='
+                 f'{self.config.image_size}')
+    raise errors.InputError(
+        f'The model of {self.workdir} takes uint8 images [N, {height}, '
+        f'{width}, {channels}] (values 0..255): {view}; got {images.dtype} '
+        f'{list(images.shape)}. Pass a batch of such images (images[None] '
+        'for one), or bring image files of any size to them with '
+        'load_images(paths), as --mode=predict does.')
+
   def preprocess(self, images):
     """Raw uint8 `[n, height, width, channels]` as evaluation sees them."""
     return augment.preprocess_eval(images, self.stats['mean'],
@@ -149,9 +188,14 @@ class TrainedModel:
     return jax.jit(lambda params, images: self.model.apply(
         {'params': params}, self.preprocess(images), train=False))
 
-  def logits(self, images):
-    """float32 logits of raw uint8 images, as `--mode=eval` computes them."""
-    return np.asarray(self._logits(self.params, np.asarray(images)))
+  def logits(self, images, batch_size=64):
+    """float32 logits of uint8 `[n, *input_shape]` images, as `--mode=eval`
+    computes them, `batch_size` images per forward pass."""
+    images = self.check_images(images)
+    return np.concatenate(
+        [np.asarray(self._logits(self.params, images[i:i + batch_size]))
+         for i in range(0, len(images), batch_size)] or
+        [np.zeros((0, self.info.num_classes), np.float32)])
 
 
 def _abstract_state(config, model, image_shape, mesh):

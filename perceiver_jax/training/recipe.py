@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from perceiver_jax import checks
+from perceiver_jax.model import encoders
 
 # Field -> the seed's behaviour.
 OPTION_DEFAULTS = {
@@ -185,12 +186,22 @@ def decay_mask(params):
 
 
 def _lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0,
-          weight_decay=1e-4, mask=None, grad_clip_norm=0.0):
-  """optax.lamb (same signature and defaults), optionally after clipping."""
+          weight_decay=1e-4, mask=None, grad_clip_norm=0.0, frozen=None):
+  """optax.lamb (same signature and defaults), optionally after clipping.
+
+  `frozen`: None, or a function of the params marking (True) the leaves
+  that never change: their updates are zero, so neither LAMB nor weight
+  decay touches them, and the clipping norm leaves them out.
+  """
   tx = optax.lamb(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                   weight_decay=weight_decay, mask=mask)
   if grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+  if frozen is not None:
+    tx = optax.multi_transform(
+        {'train': tx, 'frozen': optax.set_to_zero()},
+        lambda params: jax.tree.map(lambda f: 'frozen' if f else 'train',
+                                    frozen(params)))
   return tx
 
 
@@ -201,14 +212,19 @@ def create_optimizer(config):
   optimiser state, where the host sets it each step and every checkpoint
   saves it. With the defaults this is `inject_hyperparams(optax.lamb)`
   exactly: the same state tree and the same numerics as the seed's path.
+  A model with frozen parameters (the conv stem's BatchNorm statistics,
+  `encoders.frozen_mask`) gets zero updates for them.
   """
   mask = decay_mask if option(config, 'weight_decay_mask') == 'kernels' else (
       None)
+  frozen = encoders.frozen_mask if encoders.has_frozen_parameters(
+      config.get('preprocessor', 'patches')) else None
   return optax.inject_hyperparams(
-      _lamb, static_args=('mask', 'grad_clip_norm'))(
+      _lamb, static_args=('mask', 'grad_clip_norm', 'frozen'))(
           learning_rate=config.learning_rate,
           weight_decay=config.weight_decay, mask=mask,
-          grad_clip_norm=float(option(config, 'grad_clip_norm')))
+          grad_clip_norm=float(option(config, 'grad_clip_norm')),
+          frozen=frozen)
 
 
 # --------------------------------------------------------------------------

@@ -5,11 +5,12 @@ checkpoint yet) takes the weights another workdir's training tested (its
 early-stopping best, or its last; the EMA weights when it kept them) and
 fine-tunes them, e.g. an ImageNet-trained Perceiver on CIFAR-100. The model
 must be the same: every field that shapes or defines the network must match
-(dropout rates, rematerialisation and initialisers may differ). When the
-class count differs, the classifier's last layer keeps its fresh
-initialisation; any other weight that does not fit (e.g. the patch encoder
-of an RGB run on grayscale data) is refused. The optimiser state starts
-afresh.
+(dropout rates, rematerialisation and initialisers may differ), except
+`image_size`: at another resolution the learned position embedding is
+resampled to the new patch grid (`resolution.py`). When the class count
+differs, the classifier's last layer keeps its fresh initialisation; any
+other weight that does not fit (e.g. the patch encoder of an RGB run on
+grayscale data) is refused. The optimiser state starts afresh.
 
 The pretrained weights saw their inputs normalised by the source run's
 statistics, so by default (`init_normalization='source'`) the new run keeps
@@ -28,6 +29,7 @@ from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.model import perceiver
 from perceiver_jax.training import checkpointing
+from perceiver_jax.training import resolution
 from perceiver_jax.training import sharding as sharding_lib
 from perceiver_jax.training import workdir as workdir_lib
 
@@ -53,7 +55,8 @@ def _model_differences(saved, config):
     new = config.get(name, defaults.get(name))
     if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
       old, new = list(old), list(new)
-    if old != new:
+    if old != new and not resolution.model_fields_match(
+        name, saved, config, defaults):
       lines.append(f'{name}: {old!r} -> {new!r}')
   return lines
 
@@ -111,6 +114,9 @@ def _merge(pretrained, fresh, source):
       return leaf
     if old.shape == leaf.shape:
       return np.asarray(old, leaf.dtype)
+    if resolution.follows_grid(name) and old.shape[1:] == leaf.shape[1:]:
+      return np.asarray(resolution.resample(name, old, leaf.shape, source),
+                        leaf.dtype)
     if name.startswith(output) and old.shape[:-1] == leaf.shape[:-1]:
       return leaf  # Another class count: the last layer starts afresh.
     misfits.append(f'{name} has shape {old.shape} there, {leaf.shape} here')
@@ -124,8 +130,8 @@ def _merge(pretrained, fresh, source):
         f'The weights in config.init_from={source!r} do not fit this model: '
         + '; '.join(misfits[:5]) + ('; ...' if len(misfits) > 5 else '') +
         f'. Only {output[:-1]} (the logits) may differ, for another class '
-        'count; use the pretrained run\'s model fields and images of its '
-        'channel count.')
+        'count, and the position embedding, for another image_size; use the '
+        'pretrained run\'s model fields and images of its channel count.')
   return merged
 
 
@@ -186,4 +192,8 @@ def pretrained_params(config, fresh_params):
   logging.info('Initialised from the %s checkpoint of %s (step %d%s).',
                which, source, step,
                ', EMA weights' if state.get('ema_params') else '')
+  resized = resolution.describe(config_lib.upgrade(saved), config,
+                                perceiver.OPTION_DEFAULTS)
+  if resized:
+    logging.info('Fine-tuning at another resolution: %s.', resized)
   return _merge(weights, jax.device_get(fresh_params), source)

@@ -649,7 +649,8 @@ def test_sown_weights_through_remat(weight_sharing):
     ('weight_sharing', 'some',
      "config.weight_sharing='some' must be 'all', 'first_cross_attend', "
      "'first_iteration' or 'none'"),
-    ('decoder', 'cls', "config.decoder='cls' must be 'mean' or 'query'"),
+    ('decoder', 'cls', "config.decoder='cls' must be 'mean', 'query' or "
+     "'perceiver_io'"),
     ('fourier_mode', 'mul', "config.fourier_mode='mul' must be 'concat' or"),
     ('fourier_num_bands', 0, 'config.fourier_num_bands=0 must be a positive'),
     ('fourier_max_resolution', -2, 'config.fourier_max_resolution=-2 must be'),
@@ -685,7 +686,7 @@ def test_config_lib_accepts_paper_options_and_old_configs():
     (dict(weight_sharing='some'),
      "weight_sharing must be 'all', 'first_cross_attend', 'first_iteration' "
      'or'),
-    (dict(decoder='cls'), "decoder must be 'mean' or 'query'"),
+    (dict(decoder='cls'), "decoder must be 'mean', 'query' or 'perceiver_io'"),
     (dict(num_cross_heads=3), 'num_cross_heads=3 must divide projection_dim'),
 ])
 def test_model_rejects_bad_paper_options(overrides, message):

@@ -1,7 +1,7 @@
 """The tools on a trained workdir: --mode=eval, predict and attention.
 
-One tiny fake-data run is trained in-process per test session; the tools
-then read its workdir as a user's command would.
+One tiny fake-data run is trained in-process per test session
+(`conftest.py`); the tools then read its workdir as a user's command would.
 """
 
 import json
@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import fake_data
 from perceiver_jax import errors
 from perceiver_jax.data import host_transforms
 from perceiver_jax.tools import attention_maps
@@ -26,30 +25,10 @@ from perceiver_jax.tools import evaluate
 from perceiver_jax.tools import predict
 from perceiver_jax.tools import trained as trained_lib
 from perceiver_jax.training import checkpointing
-from perceiver_jax.training import loop
 from perceiver_jax.training import recipe
 from tests.support import ROOT
 from tests.support import subprocess_env
-
-MOCK_EXAMPLES = 16  # Every split holds them.
-
-
-@pytest.fixture(scope='session')
-def workdir(tmp_path_factory):
-  """A finished one-epoch fake-data run: `(workdir, results)`."""
-  config = fake_data.get_config()
-  config.num_epochs = 1
-  config.mock_num_examples = MOCK_EXAMPLES
-  config.ema_decay = 0.5  # The tools must use the EMA weights, as the test did.
-  path = tmp_path_factory.mktemp('tools') / 'run'
-  _, results = loop.train_and_evaluate(config, str(path))
-  return path, results
-
-
-@pytest.fixture(scope='session')
-def trained(workdir):
-  return trained_lib.load(workdir[0], mesh=trained_lib.single_device_mesh())
-
+from tests.tools.conftest import MOCK_EXAMPLES
 
 def test_eval_reproduces_results_json_on_every_test_example(workdir, capsys):
   path, results = workdir
@@ -298,7 +277,7 @@ def test_attention_png_layout(workdir, tmp_path, capsys):
   grid = attention_maps.run(str(path), num_images=3, output=str(output),
                             num_latents=4, tile=40)
   out = capsys.readouterr().out
-  assert f'Wrote {output}' in out and 'last iteration' in out
+  assert f'Wrote {output}' in out and 'last cross-attend' in out
   assert grid.rows == 3 and grid.cols == 6
   assert grid.latents == (0, 2, 5, 7)  # Evenly spaced over 8 latents.
   with Image.open(output) as image:

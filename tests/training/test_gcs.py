@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
+import perceiver_jax
 from perceiver_jax.training import profiling
 from tests.support import ROOT
 from tests.support import subprocess_env
@@ -102,6 +103,9 @@ def test_gs_workdir_trains_resumes_and_serves_the_tools(
                         str(image), config=False))
   assert len(re.findall(r'^\s+[1-5]\. ', predicted.stdout, re.M)) == 5
   assert (bucket_run / 'class_names.json').exists()
+  model = perceiver_jax.load(run)  # The Python API, on the bucket.
+  (prediction,) = model.predict(model.load_images([str(image)]))
+  assert f'  1. {prediction.classes[0]} ' in predicted.stdout
   _ok(_main(scratch, env, '--mode=attention', f'--workdir={run}',
             '--num_images=2', config=False))
   with Image.open(io.BytesIO(

@@ -15,6 +15,7 @@ from perceiver_jax.training import experiment
 from perceiver_jax.training import sharding
 from perceiver_jax.training import steps
 from perceiver_jax.training import transfer
+from tests.training.test_resolution import tf_resized
 
 # pylint: disable=redefined-outer-name  (pytest fixtures as arguments)
 
@@ -22,7 +23,9 @@ from perceiver_jax.training import transfer
 def _state(config, num_classes, channels=3):
   mesh = sharding.create_mesh(jax.devices()[:1])
   model = perceiver.create_model(config, num_classes)
-  return steps.create_train_state(config, model, (16, 16, channels), mesh)[0]
+  size = config.image_size
+  return steps.create_train_state(config, model, (size, size, channels),
+                                  mesh)[0]
 
 
 SOURCE_STATS = {'mean': [10.0, 20.0, 30.0], 'variance': [4.0, 9.0, 16.0]}
@@ -199,3 +202,73 @@ def test_source_statistics_of_another_channel_count_are_refused(source):
   with pytest.raises(errors.InputError, match=(
       r'trained on images of 3 channels and this data has 1')):
     transfer.source_statistics(_target(path), channels=1)
+
+
+EMBEDDING = "['patch_encoder']['position_embedding']"
+
+
+def test_another_image_size_takes_every_weight_resampling_the_positions(
+    source, caplog):
+  path, weights = source  # Trained at image_size 16: 4x4 patches of 4.
+  config = _target(path, image_size=32)
+  with caplog.at_level('INFO'):
+    got = _flat(transfer.pretrained_params(config,
+                                           _state(config, 100).params))
+  want = _flat(weights)
+  assert got.keys() == want.keys()
+  assert want[EMBEDDING].shape == (16, 16) and got[EMBEDDING].shape == (64, 16)
+  np.testing.assert_allclose(got[EMBEDDING], tf_resized(want[EMBEDDING], 8),
+                             rtol=1e-6, atol=1e-6)
+  for name, value in want.items():
+    if name != EMBEDDING:
+      np.testing.assert_array_equal(got[name], value, err_msg=name)
+  assert ('Fine-tuning at another resolution: image_size 16 -> 32: the 4x4 '
+          'patch grid becomes 8x8.') in caplog.text
+  assert ('Resampled patch_encoder/position_embedding from the 4x4 patch '
+          'grid to 8x8 (bilinear).') in caplog.text
+  # The patches themselves must keep their size: the projection takes them.
+  with pytest.raises(errors.InputError, match=r'patch_size: 4 -> 8'):
+    transfer.check_source(_target(path, image_size=32, patch_size=8))
+
+
+def test_fine_tuning_at_another_image_size_trains_a_step(source, tmp_path):
+  path, weights = source
+  config = _target(path, image_size=24)  # 6x6 patches.
+  ex = experiment.Experiment(config, str(tmp_path / 'finetune'))
+  try:
+    state, _ = ex.restore_or_init()
+    start = _flat(jax.device_get(state.params))
+    batch = next(iter(ex.pipeline.train_batches(0, 0)))
+    state, metrics = ex.train_step(
+        state, sharding.global_batch(ex.mesh, batch), np.float32(1e-3))
+    after = _flat(jax.device_get(state.params))
+  finally:
+    ex.close()
+  np.testing.assert_allclose(
+      start[EMBEDDING], tf_resized(_flat(weights)[EMBEDDING], 6), rtol=1e-6,
+      atol=1e-6)
+  assert int(state.step) == 1 and np.isfinite(float(metrics['loss']))
+  assert after[EMBEDDING].shape == (36, 16)
+  assert not np.allclose(after[EMBEDDING], start[EMBEDDING])
+
+
+def test_a_position_embedding_of_no_square_grid_is_refused(tmp_path):
+  # E.g. weights brought from a model over non-square inputs.
+  config = fake_data.get_config()
+  state = _state(config, 100)
+  params = jax.device_get(state.params)
+  params['patch_encoder']['position_embedding'] = np.zeros((12, 16),
+                                                          np.float32)
+  path = tmp_path / 'odd'
+  path.mkdir()
+  (path / 'config.json').write_text(json.dumps(config.to_dict()))
+  manager = checkpointing.create_manager(path / 'checkpoints')
+  checkpointing.save(manager, 1, state.replace(params=params),
+                     {'epoch': 1, 'best_step': 1}, is_best=True)
+  manager.wait_until_finished()
+  manager.close()
+  target = _target(path, image_size=32)
+  with pytest.raises(errors.InputError, match=(
+      r"patch_encoder/position_embedding in config.init_from='.*odd' has 12 "
+      r'rows, which form no square patch grid')):
+    transfer.pretrained_params(target, _state(target, 100).params)
