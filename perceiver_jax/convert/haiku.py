@@ -228,7 +228,7 @@ def _check_names(have, want, source, variant):
         f'{source}: not one of DeepMind\'s Perceiver IO ImageNet classifiers '
         f'(read as the {variant} one, {HF_CLASSES[variant]}): it '
         + ' and '.join(problems) + '. Import one of the three checkpoints '
-        'README, "Importing weights", lists, unchanged.')
+        'README, "Perceiver IO\'s published weights", links, unchanged.')
 
 
 def to_hf(checkpoint, source='the checkpoint'):
@@ -285,3 +285,46 @@ def to_haiku(state_dict):
     part.setdefault(module, {})[name] = LAYOUTS[entry.kind].to_haiku(
         np.asarray(state_dict[entry.hf]))
   return out
+
+
+# What DeepMind's three classifiers share and their weights do not show
+# (the configs their colab builds them with): the latent Transformer block
+# is applied 8 times, with 8 heads, and the cross-attend has 1.
+RELEASE = dict(num_blocks=8, num_self_attention_heads=8,
+               num_cross_attention_heads=1)
+
+
+def hf_config(variant, state_dict, release=None):
+  """HuggingFace's `config.json` fields of the classifier `state_dict` is.
+
+  Args:
+    variant: 'learned', 'fourier' or 'conv' (`to_hf`'s).
+    state_dict: its weights, HuggingFace's names (`to_hf`'s).
+    release: the fields the weights do not show; default `RELEASE`.
+
+  Returns:
+    The fields a `PerceiverConfig` of that model has: sizes read from the
+    shapes, the rest from `release`; the learned classifier's image size
+    from its position table (one row per pixel).
+  """
+  shape = lambda name: np.shape(state_dict['perceiver.' + name])
+  num_latents, d_latents = shape('embeddings.latents')
+  layers = _hf_layout(state_dict)[1]
+  config = dict(
+      architectures=[HF_CLASSES[variant]], num_latents=num_latents,
+      d_latents=d_latents,
+      d_model=shape('encoder.cross_attention.attention.self.layernorm2.'
+                    'weight')[0],
+      num_self_attends_per_block=layers,
+      num_labels=shape('decoder.decoder.final_layer.bias')[0],
+      cross_attention_widening_factor=shape(
+          'encoder.cross_attention.mlp.dense1.weight')[0] // d_latents,
+      self_attention_widening_factor=shape(
+          'encoder.self_attends.0.mlp.dense1.weight')[0] // d_latents
+      if layers else 1,
+      **(RELEASE if release is None else release))
+  if variant == 'learned':
+    pixels = shape('input_preprocessor.position_embeddings.'
+                   'position_embeddings')[0]
+    config['image_size'] = int(round(pixels**0.5))
+  return config

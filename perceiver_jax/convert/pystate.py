@@ -52,6 +52,8 @@ def _flat_mapping(mapping):
 _HAIKU_GLOBALS = {('haiku._src.data_structures', 'FlatMapping'): _flat_mapping}
 
 ALLOWED_GLOBALS = frozenset(_NUMPY_GLOBALS) | frozenset(_HAIKU_GLOBALS)
+# Where the checkpoints are, for errors.
+WHERE = 'README, "Perceiver IO\'s published weights", links them'
 
 
 class _ForbiddenGlobal(Exception):
@@ -80,23 +82,22 @@ def _load(path):
   except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
     raise errors.InputError(
         f'{path}: cannot read it ({type(e).__name__}). Pass the path of a '
-        'downloaded .pystate file (see README, "Importing weights").'
-    ) from None
+        f'downloaded .pystate file ({WHERE}).') from None
   except _ForbiddenGlobal as e:
     raise errors.InputError(
         f'{path}: refused: the pickle calls {e}, which a haiku .pystate '
         'checkpoint never needs (it holds dicts of numpy arrays), and '
         'loading a pickle runs what it calls. Nothing in it was run. Use a '
-        'checkpoint from DeepMind\'s Perceiver IO release (README, '
-        '"Importing weights"), or, for other weights, save them as a '
-        'pickle of dicts of numpy arrays.') from None
+        f'checkpoint from DeepMind\'s Perceiver IO release ({WHERE}), or, '
+        'for other weights, save them as a pickle of dicts of numpy '
+        'arrays.') from None
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError,
           AttributeError, IndexError, KeyError, UnicodeDecodeError,
           OverflowError) as e:
     raise errors.InputError(
         f'{path}: not a readable pickle ({type(e).__name__}: {e}); the '
         'file may be truncated or not a .pystate checkpoint. Download it '
-        'again (README, "Importing weights").') from None
+        f'again ({WHERE}).') from None
 
 
 def _flatten(tree, where, path):

@@ -21,8 +21,7 @@ from perceiver_jax.convert import haiku
 D_MODEL = {'learned': 512, 'fourier': 261, 'conv': 322}
 SMALL = dict(num_latents=8, d_latents=24, num_blocks=2,
              num_self_attends_per_block=2, num_self_attention_heads=2,
-             num_cross_attention_heads=1, cross_attention_widening_factor=2,
-             self_attention_widening_factor=3, image_size=16, num_labels=10)
+             num_cross_attention_heads=1, image_size=16, num_labels=10)
 
 
 def hf_model(variant, seed=0, **config):
