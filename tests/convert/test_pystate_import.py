@@ -15,17 +15,20 @@ import os
 import subprocess
 import sys
 
+from configs import imagenet_perceiver_io
 from etils import epath
 import ml_collections
 import numpy as np
 import pytest
 import torch
 
+from perceiver_jax import errors
 from perceiver_jax.convert import haiku
 from perceiver_jax.convert import imagenet_classes
 from perceiver_jax.convert import importer
 from perceiver_jax.model import perceiver
 from perceiver_jax.tools import trained as trained_lib
+from perceiver_jax.training import transfer
 from tests.convert import haiku_checkpoints
 from tests.convert.test_huggingface import _assert_parity
 from tests.convert.test_huggingface import _hf_logits
@@ -142,8 +145,9 @@ def test_main_imports_a_pystate_as_deepmind_released_it(tmp_path,
                                                         monkeypatch):
   """main.py --mode=import on a .pystate of DeepMind's architecture (8
   applications of the block, 8 and 1 heads; tiny widths) and 1000 classes:
-  the workdir's config, ImageNet's class names and the logits of
-  DeepMind's computation at 224 x 224."""
+  the workdir's config, ImageNet's class names, the logits of DeepMind's
+  computation at 224 x 224, and the fields a fine-tuning config needs
+  (README)."""
   model = haiku_checkpoints.hf_model(
       'conv', num_labels=1000, d_latents=32, num_self_attends_per_block=1,
       **haiku.RELEASE)
@@ -174,3 +178,14 @@ def test_main_imports_a_pystate_as_deepmind_released_it(tmp_path,
       {'params': trained.params}, images.transpose(0, 2, 3, 1), train=False))
   _assert_parity(logits, _hf_logits(as_deepmind_computes(model, 'conv', 224),
                                     images, monkeypatch))
+  finetune = imagenet_perceiver_io.get_config('conv')
+  for name in ('latent_dim', 'projection_dim', 'ffn_units',
+               'num_transformer_blocks'):  # The tiny widths.
+    finetune[name] = config[name]
+  finetune.init_from = str(workdir)
+  with pytest.raises(errors.InputError, match=(
+      "conv_stem_padding: 'same' -> 'huggingface'; gelu_approximate: True "
+      '-> False.')):
+    transfer.check_source(finetune)
+  finetune.gelu_approximate, finetune.conv_stem_padding = True, 'same'
+  transfer.check_source(finetune)
