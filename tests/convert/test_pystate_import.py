@@ -189,3 +189,34 @@ def test_main_imports_a_pystate_as_deepmind_released_it(tmp_path,
     transfer.check_source(finetune)
   finetune.gelu_approximate, finetune.conv_stem_padding = True, 'same'
   transfer.check_source(finetune)
+
+
+class _System:
+  """Pickles as `os.system(command)`."""
+
+  def __init__(self, command):
+    self.command = command
+
+  def __reduce__(self):
+    return os.system, (self.command,)
+
+
+def test_main_refuses_a_pystate_that_would_run_a_command(tmp_path):
+  marker = tmp_path / 'ran'
+  checkpoint = haiku.to_haiku(haiku_checkpoints.state_dict(
+      haiku_checkpoints.hf_model('fourier')))
+  checkpoint['params']['perceiver_encoder/~/trainable_position_encoding'][
+      'pos_embs'] = _System(f'touch {marker}')
+  path = tmp_path / 'imagenet_fourier_position_encoding.pystate'
+  path.write_bytes(haiku_checkpoints.pickle_bytes(checkpoint))
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'main.py'), '--mode=import',
+       f'--source={path}', f'--workdir={tmp_path / "run"}'],
+      capture_output=True, text=True, timeout=300, cwd=ROOT,
+      env=subprocess_env(devices=1), check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  error = result.stderr.strip().splitlines()[-1]
+  assert error.startswith(f'Error: {path}: refused: the pickle calls '
+                          f'{os.system.__module__}.system, ')
+  assert 'Traceback' not in result.stderr
+  assert not marker.exists() and not (tmp_path / 'run').exists()
