@@ -18,8 +18,10 @@ exit status 1 when a record does not decode):
   python main.py --mode=check_data --config=configs/imagenet_perceiver.py
 
 Another implementation's weights as a workdir the tools and
-`--config.init_from` use (HuggingFace's Perceiver IO classifiers):
+`--config.init_from` use (Perceiver IO's classifiers, HuggingFace's or
+DeepMind's haiku checkpoints):
   python main.py --mode=import --source=HF_FOLDER --workdir=DIR
+  python main.py --mode=import --source=FILE.pystate --workdir=DIR
 
 Python 3.11 or later. `--help` and flag errors come back at once: jax and
 tensorflow are imported only once the flags are valid.
@@ -80,7 +82,8 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     'source', None, '--mode=import: a HuggingFace checkpoint folder '
     '(config.json with model.safetensors or pytorch_model.bin) of a '
-    'Perceiver IO image classifier. --config, if given, is the config '
+    'Perceiver IO image classifier, or DeepMind\'s haiku .pystate file of '
+    'one. --config, if given, is the config '
     'whose data and recipe fields the workdir keeps (default '
     'configs/imagenet_perceiver_io.py).')
 flags.DEFINE_list('images', [], '--mode=predict: image files (PNG, JPEG, '

@@ -9,8 +9,14 @@ they use a trained run.
 
 One reader per source format (`FORMATS`), chosen from the path: a folder
 with HuggingFace's `config.json` and `model.safetensors` (or a sharded
-`model.safetensors.index.json`) or `pytorch_model.bin`. A reader returns a
-`Source`; everything after it is shared.
+`model.safetensors.index.json`) or `pytorch_model.bin`, or a DeepMind
+haiku `.pystate` file. A reader returns a `Source`; everything after it is
+shared.
+
+A `.pystate` is read safely (`pystate.py`), its names mapped to
+HuggingFace's (`haiku.py`) and its weights through the same
+`huggingface.hf_to_params`, but the model computes as DeepMind's haiku code
+does, where HuggingFace's port differs (`deepmind_fields`).
 """
 
 import dataclasses
@@ -26,7 +32,10 @@ import numpy as np
 
 from perceiver_jax import config_lib
 from perceiver_jax import errors
+from perceiver_jax.convert import haiku
 from perceiver_jax.convert import huggingface
+from perceiver_jax.convert import imagenet_classes
+from perceiver_jax.convert import pystate
 from perceiver_jax.data import datasets
 from perceiver_jax.model import perceiver
 from perceiver_jax.training import checkpointing
@@ -45,6 +54,7 @@ SAFETENSORS_INDEX = 'model.safetensors.index.json'
 PYTORCH_BIN = 'pytorch_model.bin'
 HF_CONFIG = 'config.json'
 HF_PREPROCESSOR = 'preprocessor_config.json'
+PYSTATE = '.pystate'
 IMPORT_STEP = 0
 
 
@@ -150,8 +160,50 @@ def read_huggingface(path, image_size=None):
                    'weights': weights})
 
 
+def deepmind_fields(variant):
+  """The model fields where DeepMind's haiku code computes differently
+  from HuggingFace's port of it (`huggingface.config_fields` follows the
+  port): GELU's tanh approximation (jax.nn.gelu's default); TensorFlow's
+  SAME padding of the conv stem's convolution and max-pool (56 x 56 inputs
+  at 224); and no query residual in the learned-position classifier's
+  decoder (its colab's `use_query_residual=False`)."""
+  fields = dict(gelu_approximate=True,
+                decoder_query_residual=variant != 'learned')
+  if variant == 'conv':
+    fields['conv_stem_padding'] = 'same'
+  return fields
+
+
+def is_pystate(path):
+  return path.suffix == PYSTATE and path.is_file()
+
+
+def read_pystate(path, image_size=None, release=None):
+  """A `Source` from DeepMind's haiku checkpoint of a Perceiver IO
+  classifier (module doc); `release`: the architecture fields its weights
+  do not show (`haiku.RELEASE`, DeepMind's, by default)."""
+  variant, state_dict = haiku.to_hf(pystate.read(path), source=str(path))
+  hf_config = haiku.hf_config(variant, state_dict, release)
+  _, fields = huggingface.config_fields(hf_config, image_size)
+  fields.update(deepmind_fields(variant))
+  num_classes = hf_config['num_labels']
+  params = huggingface.hf_to_params(
+      state_dict, ml_collections.ConfigDict(fields), num_classes,
+      source=str(path))
+  names = imagenet_classes.names()
+  return Source(
+      variant=variant, fields=fields, params=params,
+      class_names=(list(names) if num_classes == len(names) else
+                   [str(i) for i in range(num_classes)]),
+      # The colab's normalisation: ImageNet's mean and deviation.
+      mean=tuple(255.0 * m for m in IMAGENET_MEAN),
+      std=tuple(255.0 * s for s in IMAGENET_STD),
+      description={'imported_from': os.fspath(path), 'format': 'haiku',
+                   'architecture': haiku.HF_CLASSES[variant]})
+
+
 # (test of the path, reader): the first whose test passes reads it.
-FORMATS = [(is_huggingface, read_huggingface)]
+FORMATS = [(is_huggingface, read_huggingface), (is_pystate, read_pystate)]
 
 
 def read(source, image_size=None):
@@ -167,7 +219,8 @@ def read(source, image_size=None):
       f'--source={source} is not a checkpoint this version imports: pass a '
       f'HuggingFace model folder holding {HF_CONFIG} and {SAFETENSORS} (or '
       f'{PYTORCH_BIN}), e.g. deepmind/vision-perceiver-conv downloaded from '
-      'the HuggingFace hub.')
+      f'the HuggingFace hub, or a DeepMind haiku {PYSTATE} file '
+      f'({pystate.WHERE}).')
 
 
 def workdir_config(base, source):

@@ -126,7 +126,8 @@ class CrossAttentionBlock(nn.Module):
   `residual='pre_norm'` is the pre-LN block of DeepMind's released Perceiver
   code, like the latent Transformer's blocks: `x = latents +
   attention(LN(latents), LN(data))`, then `x + FFN(LN(x))`. Both hold the
-  same parameters.
+  same parameters. `query_residual=False` (pre_norm only) drops the first
+  residual, `x = attention(...)`, as DeepMind's `use_query_residual=False`.
 
   `num_heads=0` is the seed's single head with a learned scalar scale and no
   output projection; `num_heads=k` is standard multi-head attention (1/sqrt(
@@ -147,8 +148,11 @@ class CrossAttentionBlock(nn.Module):
   residual: str = 'normalized'
   layer_norm_epsilon: float = attention_lib.LAYER_NORM_EPSILON
   gelu_approximate: bool = False
+  query_residual: bool = True
 
   def __post_init__(self):
+    if not self.query_residual and self.residual != 'pre_norm':
+      raise ValueError('query_residual=False needs residual=\'pre_norm\'.')
     checks.enforce(self, {
         'num_heads': CROSS_HEADS_RULE,
         'width': RULES['cross_attention_width'],
@@ -189,7 +193,8 @@ class CrossAttentionBlock(nn.Module):
                       gelu_approximate=self.gelu_approximate, name='ffn')
     ffn_norm = norm(name='ffn_norm')
     if self.residual == 'pre_norm':
-      x = x + inputs
+      if self.query_residual:
+        x = x + inputs
       return x + ffn(ffn_norm(x), deterministic=deterministic)
     x = ffn_norm(x + latents)
     return ffn(x, deterministic=deterministic) + x

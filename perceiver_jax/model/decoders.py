@@ -9,7 +9,10 @@ decoder of Perceiver IO's ImageNet classifiers: a cross-attention block
 (LayerNorms on the query and the latents, the query's residual, then a
 LayerNorm, an MLP and its residual), as DeepMind's `BasicDecoder` with
 `use_query_residual=True` and HuggingFace's `PerceiverClassificationDecoder`
-compute it; the model's linear classifier follows either.
+compute it; the model's linear classifier follows either. Without the
+query's residual (`query_residual=False`) it is the decoder of DeepMind's
+learned-position classifier, whose colab builds it with
+`use_query_residual=False` (HuggingFace's port of it adds the residual).
 """
 
 from typing import Any, Sequence
@@ -85,6 +88,7 @@ class PerceiverIODecoder(nn.Module):
       and v are `features` wide.
     dropout_rate, attention_dropout_rate, dtype, compute, attention_init,
       layer_norm_epsilon, gelu_approximate: as the encoder's blocks.
+    query_residual: add the query to the attention's output (module doc).
   """
   features: int
   ffn_units: Sequence[int]
@@ -96,6 +100,7 @@ class PerceiverIODecoder(nn.Module):
   attention_init: str = 'keras2'
   layer_norm_epsilon: float = attention_lib.LAYER_NORM_EPSILON
   gelu_approximate: bool = False
+  query_residual: bool = True
 
   @nn.compact
   def __call__(self, latents, *, deterministic):
@@ -112,7 +117,7 @@ class PerceiverIODecoder(nn.Module):
         self.features, tuple(self.ffn_units), self.dropout_rate,
         self.attention_dropout_rate, dtype=self.dtype, compute=self.compute,
         num_heads=self.num_heads, attention_init=self.attention_init,
-        width='input', residual='pre_norm',
+        width='input', residual='pre_norm', query_residual=self.query_residual,
         layer_norm_epsilon=self.layer_norm_epsilon,
         gelu_approximate=self.gelu_approximate, name='block')(
             query, latents, deterministic)

@@ -75,6 +75,10 @@ RULES = {
     # DeepMind's truncated normal (stddev 0.02, cut at 2 stddev).
     'latent_init': checks.one_of('random_normal', 'truncated_normal'),
     'decoder': checks.one_of(*DECODERS),
+    # decoder='perceiver_io': the query's residual around its attention
+    # (HuggingFace's classifiers, DeepMind's Fourier and conv ones), or none
+    # (DeepMind's learned-position classifier; `decoders.py`).
+    'decoder_query_residual': checks.BOOL,
     'logits_dropout': checks.BOOL,
     'cross_attend': checks.one_of(*CROSS_ATTENDS),
     # Every LayerNorm's: the seed's Keras 1e-6, or haiku's and PyTorch's
@@ -155,6 +159,8 @@ class Perceiver(nn.Module):
     latent_init: 'random_normal' (the seed's, stddev 0.05) or
       'truncated_normal' (DeepMind's, stddev 0.02, cut at 2 stddev).
     decoder: one of DECODERS.
+    decoder_query_residual: with decoder='perceiver_io', add the query to
+      its attention's output.
     logits_dropout: end the classifier with dropout on the logits (seed).
     cross_attend: one of CROSS_ATTENDS.
     layer_norm_epsilon: every LayerNorm's epsilon.
@@ -189,6 +195,7 @@ class Perceiver(nn.Module):
   latent_head_width: str = 'full'
   latent_init: str = 'random_normal'
   decoder: str = 'mean'
+  decoder_query_residual: bool = True
   logits_dropout: bool = True
   cross_attend: str = 'every_iteration'
   layer_norm_epsilon: float = attention_lib.LAYER_NORM_EPSILON
@@ -326,7 +333,9 @@ class Perceiver(nn.Module):
     elif self.decoder == 'perceiver_io':
       representation = decoders.PerceiverIODecoder(
           self.projection_dim, tuple(self.ffn_units),
-          attention_init=self.attention_init, name='decoder', **common)(
+          attention_init=self.attention_init,
+          query_residual=self.decoder_query_residual, name='decoder',
+          **common)(
               latents, deterministic=deterministic)
     else:
       representation = decoders.QueryDecoder(
@@ -372,7 +381,8 @@ OPTION_DEFAULTS = dict(
     fourier_max_resolution=0, fourier_mode='concat', weight_sharing='all',
     num_cross_heads=0, cross_attention_width='latent',
     cross_attention_residual='normalized', latent_head_width='full',
-    latent_init='random_normal', decoder='mean', logits_dropout=True,
+    latent_init='random_normal', decoder='mean', decoder_query_residual=True,
+    logits_dropout=True,
     cross_attend='every_iteration',
     layer_norm_epsilon=attention_lib.LAYER_NORM_EPSILON,
     gelu_approximate=False, preprocessor='patches', preprocessor_channels=256,
