@@ -10,8 +10,12 @@ A tiny copy for tests (`:test`, the model of `TEST_PUBLISHED`, 32 x 32):
       --config.init_from=IMPORTED_TINY_WORKDIR
 
 The model is the imported one (configs/imagenet_perceiver_io.py's fields
-for the variant, which `--mode=import` writes too, so `init_from` accepts
-it), with a new 100-class output layer: transfer starts it afresh and
+for the variant, which `--mode=import` of a HuggingFace checkpoint writes
+too, so `init_from` accepts it; from DeepMind's `.pystate` files add the
+fields where their code computes otherwise, e.g.
+`--config.gelu_approximate=True --config.conv_stem_padding=same` for
+'conv': README, "DeepMind's haiku checkpoints"), with a new 100-class
+output layer: transfer starts it afresh and
 takes every other weight, the conv stem's frozen BatchNorm statistics
 included. Inputs are normalised with the source's statistics (ImageNet's,
 `init_normalization='source'`), as the weights were trained.

@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 
+from configs import cifar100_finetune
 from configs import imagenet_perceiver_io
 import jax
 import numpy as np
 from PIL import Image
 import pytest
 
+import perceiver_jax
 from perceiver_jax import errors
 from perceiver_jax.convert import importer
 from perceiver_jax.data import host_transforms
@@ -22,6 +24,7 @@ from perceiver_jax.tools import evaluate
 from perceiver_jax.tools import predict
 from perceiver_jax.tools import trained as trained_lib
 from perceiver_jax.training import experiment
+from tests.support import subprocess_env
 
 import torch  # Test-only (requirements-test.txt): the reference.
 import transformers  # pylint: disable=g-import-not-at-top
@@ -35,11 +38,7 @@ NAMES = [f'class number {i}' for i in range(1000)]  # ImageNet's count.
 def hf_model(tmp_path_factory):
   """A tiny HuggingFace conv classifier of ImageNet's 1000 classes, saved."""
   config = transformers.PerceiverConfig(
-      num_latents=8, d_latents=32, d_model=322, num_blocks=2,
-      num_self_attends_per_block=1, num_cross_attention_heads=1,
-      num_self_attention_heads=4, num_labels=1000,
-      id2label=dict(enumerate(NAMES)),
-      architectures=['PerceiverForImageClassificationConvProcessing'])
+      **cifar100_finetune.TEST_PUBLISHED, id2label=dict(enumerate(NAMES)))
   torch.manual_seed(1)
   model = transformers.PerceiverForImageClassificationConvProcessing(
       config).eval()
@@ -188,3 +187,33 @@ def test_eval_runs_on_an_import_with_a_mock_data_config(hf_model, tmp_path,
   assert 'Test accuracy' in out
   assert evaluated['num_examples'] > 0 and evaluated['step'] == 0
   assert np.isfinite(evaluated['test_loss'])
+
+
+def test_cifar100_finetune_and_the_python_api_on_an_import(
+    workdir, fake_cifar100, tmp_path):
+  """configs/cifar100_finetune.py:test fine-tunes the import (224 -> 32,
+  1000 -> 100 classes) on CIFAR-100, and `perceiver_jax.load` serves the
+  result."""
+  run = tmp_path / 'cifar100_ft'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'main.py'),
+       '--config=configs/cifar100_finetune.py:test', f'--workdir={run}',
+       f'--config.init_from={workdir}',
+       f'--config.tfds_data_dir={fake_cifar100.data_dir}'],
+      capture_output=True, text=True, timeout=600, cwd=ROOT,
+      env=subprocess_env(devices=1), check=False)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert f'Initialised from the latest checkpoint of {workdir}' in proc.stderr
+  assert 'Test accuracy: ' in proc.stdout
+  stats = json.loads((run / 'normalization.json').read_text())
+  np.testing.assert_allclose(stats['mean'], [123.675, 116.28, 103.53])
+  model = perceiver_jax.load(str(run))
+  images = fake_cifar100.test_images[:4]
+  assert model.input_shape == (32, 32, 3)
+  predictions = model.predict(images, top_k=3)
+  assert len(predictions) == 4
+  for prediction in predictions:
+    assert len(prediction.classes) == 3
+    assert all(name.startswith('fine_') for name in prediction.classes)
+  logits = model.logits(images)
+  assert logits.shape == (4, 100) and np.isfinite(logits).all()
