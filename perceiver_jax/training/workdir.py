@@ -14,6 +14,7 @@ write only local files (TensorBoard's event writer, jax's profiler) write
 into a `Mirror`, which copies them in.
 """
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -89,7 +90,10 @@ class Mirror:
   `local` is where they write; `sync()` copies what is new or changed since
   the last sync into `dest`, each file atomically (`upload`); `close()`
   syncs and removes the local copy. For a local `dest`, `local` is `dest`
-  itself and nothing is copied.
+  itself and nothing is copied. The local copy of a remote `dest` is named
+  after it (and the process), so a run killed before `close()` leaves one
+  folder, which its rerun takes over and syncs: the files it held reach
+  the bucket then, and such folders never pile up.
   """
 
   def __init__(self, dest):
@@ -99,7 +103,11 @@ class Mirror:
       self.dest.mkdir(parents=True, exist_ok=True)
       self.local = self.dest
     else:
-      self._temp = tempfile.mkdtemp(prefix='perceiver_jax_mirror_')
+      key = hashlib.sha256(os.fspath(self.dest).encode()).hexdigest()[:16]
+      self._temp = os.path.join(
+          tempfile.gettempdir(), f'perceiver_jax_mirror_{key}_'
+          f'{jax.process_index()}')
+      os.makedirs(self._temp, exist_ok=True)
       self.local = epath.Path(self._temp)
     self._synced = {}  # Relative name -> (size, mtime_ns) when copied.
 

@@ -84,6 +84,25 @@ def test_mirror_copies_new_and_changed_files_in(folder, monkeypatch):
       'events', 'sub']
 
 
+def test_a_killed_runs_mirror_is_taken_over_by_its_rerun(
+    gcs, tmp_path, monkeypatch):
+  """A run killed before close() leaves its local copy; the rerun's Mirror
+  of the same destination uses that folder and uploads what it held."""
+  gcs.use(monkeypatch)
+  run = epath.Path(f'{gcs.bucket}/{tmp_path.name}/run')
+  dest = run / 'tensorboard'
+  killed = workdir_lib.Mirror(dest)
+  (killed.local / 'events.1').write_text('written, never synced')
+  rerun = workdir_lib.Mirror(dest)
+  assert rerun.local == killed.local
+  other = workdir_lib.Mirror(run / 'profile')
+  assert other.local != killed.local
+  other.close()
+  rerun.close()
+  assert (dest / 'events.1').read_text() == 'written, never synced'
+  assert not os.path.exists(killed.local)
+
+
 def test_has_checkpoints_counts_finished_steps_only(folder):
   assert not workdir_lib.has_checkpoints(folder)
   step = folder / 'checkpoints' / '4'
