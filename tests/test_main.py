@@ -68,7 +68,8 @@ def test_mistyped_config_path_is_one_line_listing_the_configs(tmp_path):
   assert proc.stderr.strip() == (
       'Error: --config=configs/no_such_config.py: no such file. The configs '
       'are: configs/cifar100.py, configs/cifar100_fast.py, '
-      'configs/cifar100_paper.py, configs/fake_data.py, '
+      'configs/cifar100_finetune.py, configs/cifar100_paper.py, '
+      'configs/fake_data.py, '
       'configs/imagenet_perceiver.py, configs/imagenet_perceiver_io.py.')
 
 
