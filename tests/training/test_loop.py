@@ -44,6 +44,8 @@ def test_fake_data_run_writes_outputs_then_resumes(tmp_path):
                         '--config.grad_accum_steps=2'))
   assert 'Resuming from step' in second.stderr
   assert 'grad_accum_steps: 1 -> 2' in second.stderr
+  assert ('Each batch of 16 trains as 2 micro-batches of 8 (4 per device).'
+          in second.stderr)
   assert 'Epoch 1/2' not in second.stderr
   resumed = _history(workdir)
   assert [h['epoch'] for h in resumed] == [1, 2]
