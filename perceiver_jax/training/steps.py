@@ -74,8 +74,8 @@ def step_rngs(seed, step):
   return jax.random.split(rng)
 
 
-def create_train_state(config, model, image_shape, mesh, rules=()):
-  """Initialises parameters and optimiser state directly in their shardings."""
+def _init_fn(config, model, image_shape):
+  """The function that initialises the train state (parameters, optimiser)."""
   tx = recipe.create_optimizer(config)
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
 
@@ -85,8 +85,28 @@ def create_train_state(config, model, image_shape, mesh, rules=()):
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                              ema_params=recipe.initial_ema(config, params))
 
+  return init
+
+
+def _shapes_and_shardings(init, mesh, rules):
   abstract = jax.eval_shape(init)
-  shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
+  return abstract, sharding_lib.tree_shardings(abstract, mesh, rules)
+
+
+def abstract_train_state(config, model, image_shape, mesh, rules=()):
+  """`(state, shardings)`: the state's shapes and dtypes, nothing allocated.
+
+  What a program can be lowered and compiled for without the memory its
+  state takes (benchmarks/memory.py).
+  """
+  return _shapes_and_shardings(_init_fn(config, model, image_shape), mesh,
+                               rules)
+
+
+def create_train_state(config, model, image_shape, mesh, rules=()):
+  """Initialises parameters and optimiser state directly in their shardings."""
+  init = _init_fn(config, model, image_shape)
+  _, shardings = _shapes_and_shardings(init, mesh, rules)
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
