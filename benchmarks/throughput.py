@@ -176,7 +176,9 @@ TrainStep = collections.namedtuple(
 def setup_train_step(config, num_classes):
   """`main.py`'s jitted train step over every device, and its initial state."""
   mesh = sharding_lib.create_mesh()
-  sharding_lib.check_batch_size(config.batch_size, mesh)
+  sharding_lib.check_batch_size(
+      config.batch_size, mesh,
+      micro_batches=steps_lib.grad_accum_steps(config))
   model = perceiver.create_model(config, num_classes)
   image_shape = (config.image_size, config.image_size, CHANNELS)
   state, shardings = steps_lib.create_train_state(config, model, image_shape,

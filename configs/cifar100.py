@@ -74,6 +74,10 @@ def get_config():
   # Dropout bits: 'hash' (counter-based, cheap) or 'threefry' (jax.random).
   config.dropout_bits = 'hash'
   config.remat = False  # Recompute block activations in the backward pass.
+  # Split each batch into this many micro-batches inside the step and sum
+  # their gradients: the same step in less memory (training/steps.py).
+  # batch_size must be a multiple of it times the device count.
+  config.grad_accum_steps = 1
 
   # Keras ReduceLROnPlateau(monitor='val_loss', factor=0.2, patience=3).
   config.plateau = ml_collections.ConfigDict(

@@ -66,7 +66,7 @@ def _sources():
       (checkpointing.RULES, {}, none),
       (metrics.RULES, {}, none),
       (sharding.RULES, {}, none),
-      (steps.RULES, {}, none),
+      (steps.RULES, steps.OPTION_DEFAULTS, steps.problems),
       (transfer.RULES, transfer.OPTION_DEFAULTS, none),
       (profiling.RULES, profiling.CONFIG_DEFAULTS, none),
   ]

@@ -77,6 +77,14 @@ CASES = [
     ({'batch_size': 12}, ['config.batch_size=12 must be a positive multiple '
                           'of the number of devices (8)',
                           '--config.batch_size=8']),
+    ({'grad_accum_steps': 3}, ['config.batch_size=16 must be a multiple of '
+                               'config.grad_accum_steps=3',
+                               '--config.grad_accum_steps=2']),
+    ({'grad_accum_steps': 4}, ['config.batch_size=16 must be a positive '
+                               'multiple of config.grad_accum_steps (4) x the '
+                               'number of devices (8) = 32',
+                               '--config.batch_size=32',
+                               '--config.grad_accum_steps=2']),
     ({'batch_size': 1024}, ['config.batch_size=1024 is too large',
                             'Use a smaller batch size']),
     ({'workdir': lambda tmp: os.path.join(_file(tmp), 'run')},

@@ -77,6 +77,10 @@ def load_config(workdir, overrides=None):
         f'config the weights were trained with ({path}). Only '
         f'{", ".join(config_lib.TOOL_OVERRIDABLE_FIELDS)} may change; drop '
         + ', '.join(f'--config.{f}' for f in refused) + '.')
+  # The tools do not train: how training split its batches into
+  # micro-batches does not concern them, and an evaluation batch size need
+  # not split into them.
+  saved.pop('grad_accum_steps', None)
   for name, value in overrides.items():
     if saved.get(name) != value:
       logging.info('Overriding the saved config: %s %r -> %r.', name,

@@ -158,7 +158,8 @@ class Experiment:
       transfer.check_source(config)  # Before any data or compile.
     datasets.get_dataset_info(config)  # Validates name and features.
     self.mesh = sharding_lib.create_mesh()
-    sharding_lib.check_batch_size(config.batch_size, self.mesh)
+    sharding_lib.check_batch_size(config.batch_size, self.mesh,
+                                  micro_batches=steps.grad_accum_steps(config))
     workdir_lib.write_json(self.workdir / workdir_lib.CONFIG,
                            config.to_dict())
     datasets.prepare(config)

@@ -195,6 +195,12 @@ def _log_setup(ex):
                ex.info.num_classes, ex.mesh.devices.size,
                jax.process_count(), p.steps_per_epoch,
                steps.count_params(ex.state.params))
+  accum = steps.grad_accum_steps(ex.config)
+  if accum > 1:
+    batch = ex.config.batch_size
+    logging.info('Each batch of %d trains as %d micro-batches of %d (%d per '
+                 'device).', batch, accum, batch // accum,
+                 batch // accum // ex.mesh.devices.size)
 
 
 def _plateau(meta):

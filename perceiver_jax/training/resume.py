@@ -19,6 +19,8 @@ takes effect, none is silently ignored:
   devices and hosts, mid-epoch included, reading on exactly where it
   stopped (`adopt_layout`). A new `batch_size` changes the order and the
   steps per epoch: it is taken at an epoch end and refused mid-epoch.
+* `grad_accum_steps`: takes effect at the next step, mid-epoch included;
+  each step still sees the same batch and the mean of its gradient.
 """
 
 import dataclasses
@@ -39,6 +41,8 @@ from perceiver_jax.training import workdir as workdir_lib
 # run), so resuming refuses it.
 # weight_decay_mask, grad_clip_norm and ema_decay change the optimiser state
 # or the EMA copy the checkpoint holds, so they may not change.
+# grad_accum_steps changes only the order in which a batch's gradient is
+# summed (and which dropout masks are drawn), not the step, so it may.
 RESUMABLE_FIELDS = (
     'num_epochs', 'log_every_steps', 'checkpoint_max_to_keep',
     'checkpoint_every_steps', 'tfds_data_dir', 'dtype', 'attention_impl',
@@ -48,7 +52,7 @@ RESUMABLE_FIELDS = (
     'mix_prob', 'randaugment_num_ops', 'randaugment_magnitude',
     'data_storage', 'data_workers', 'tfds_manual_dir', 'init_from',
     'lr_decay_epochs', 'lr_decay_factor', 'profile_steps', 'batch_size',
-    'momentum',
+    'momentum', 'grad_accum_steps',
 )
 # What a checkpoint's meta records of how its batches were laid out.
 LAYOUT_KEYS = ('batch_size', 'steps_per_epoch', 'num_devices')

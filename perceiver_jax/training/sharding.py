@@ -38,15 +38,32 @@ def local_shard_indices(mesh):
   return [i for i, d in enumerate(mesh.devices.flat) if d.process_index == me]
 
 
-def check_batch_size(batch_size, mesh, field='batch_size'):
-  """Fails with a clear message unless the batch splits evenly over devices."""
+def check_batch_size(batch_size, mesh, field='batch_size', micro_batches=1):
+  """Fails with a clear message unless the batch splits evenly over devices.
+
+  With `micro_batches` K > 1 (`config.grad_accum_steps`) each of the K
+  micro-batches must split evenly too: a multiple of K x the device count.
+  """
   n = mesh.devices.size
-  if batch_size <= 0 or batch_size % n:
+  if batch_size > 0 and batch_size % (n * micro_batches) == 0:
+    return
+  if micro_batches == 1:
     raise errors.InputError(
         f'config.{field}={batch_size} must be a positive multiple of the '
         f'number of devices ({n}) so every device gets the same share; use '
         f'--config.{field}={max(n, (max(batch_size, 1) // n) * n)} or another '
         f'multiple of {n}.')
+  unit = n * micro_batches
+  fits = [k for k in range(1, micro_batches)
+          if batch_size > 0 and batch_size % (n * k) == 0]
+  other = (f', or --config.grad_accum_steps={fits[-1]} to keep this batch'
+           if fits else '')
+  raise errors.InputError(
+      f'config.{field}={batch_size} must be a positive multiple of '
+      f'config.grad_accum_steps ({micro_batches}) x the number of devices '
+      f'({n}) = {unit}, so every micro-batch splits evenly over the devices; '
+      f'use --config.{field}={max(unit, (max(batch_size, 1) // unit) * unit)}'
+      f' or another multiple of {unit}{other}.')
 
 
 def data_sharding(mesh):

@@ -212,6 +212,15 @@ def test_predict_errors_name_the_problem(workdir, tmp_path):
     trained_lib.load_config(path, {'latent_dim': 4})
 
 
+def test_tools_ignore_how_training_split_its_batches(tmp_path):
+  """An evaluation batch need not split into training's micro-batches."""
+  config = fake_data.get_config()
+  config.grad_accum_steps = 4
+  (tmp_path / 'config.json').write_text(json.dumps(config.to_dict()))
+  loaded = trained_lib.load_config(tmp_path, {'batch_size': 6})
+  assert loaded.batch_size == 6 and 'grad_accum_steps' not in loaded
+
+
 def _png_header(width, height):
   """A PNG that declares `width` x `height` RGB pixels and holds none."""
   def chunk(kind, data):

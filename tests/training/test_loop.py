@@ -38,9 +38,14 @@ def test_fake_data_run_writes_outputs_then_resumes(tmp_path):
   assert os.listdir(workdir / 'checkpoints')
   assert (workdir / 'normalization.json').exists()
 
-  # Same workdir, more epochs: it resumes after epoch 1 instead of restarting.
-  second = _ok(run_main(workdir, '--config.num_epochs=2'))
+  # Same workdir, more epochs: it resumes after epoch 1 instead of restarting,
+  # here in 2 micro-batches per batch (a field that may change on resume).
+  second = _ok(run_main(workdir, '--config.num_epochs=2',
+                        '--config.grad_accum_steps=2'))
   assert 'Resuming from step' in second.stderr
+  assert 'grad_accum_steps: 1 -> 2' in second.stderr
+  assert ('Each batch of 16 trains as 2 micro-batches of 8 (4 per device).'
+          in second.stderr)
   assert 'Epoch 1/2' not in second.stderr
   resumed = _history(workdir)
   assert [h['epoch'] for h in resumed] == [1, 2]

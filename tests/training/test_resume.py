@@ -148,6 +148,19 @@ def test_a_field_the_saved_config_lacks_counts_as_its_default():
       'mystery: 1 -> <unset>']
 
 
+def test_grad_accum_steps_may_change():
+  """It changes the order a batch's gradient is summed in, not the step."""
+  saved = cifar100.get_config().to_dict()
+  config = cifar100.get_config()
+  config.grad_accum_steps = 4
+  assert resume.resume_conflicts(saved, config) == (
+      [], ['grad_accum_steps: 1 -> 4'])
+  saved.pop('grad_accum_steps')  # Saved before the field existed.
+  assert resume.resume_conflicts(saved, cifar100.get_config()) == ([], [])
+  assert resume.resume_conflicts(saved, config) == (
+      [], ['grad_accum_steps: <unset: default 1> -> 4'])
+
+
 # --------------------------------------------------------------------------
 # The slice and the batch size.
 
