@@ -41,10 +41,13 @@ RULES = {
 def create_manager(directory, *, max_to_keep=1, read_only=False):
   """Keeps the latest `max_to_keep` checkpoints and the early-stopping best.
 
-  Epoch-end saves carry the metric `best_step`: their step when early
-  stopping judged the epoch an improvement, else -1. The checkpoint where it
-  is highest is the latest improvement, i.e. the best by Keras'
-  EarlyStopping (min_delta included) rather than by raw val_loss.
+  Every save carries the metric `best_step`: its step when early stopping
+  judged the epoch ending there an improvement, else -1 (mid-epoch saves
+  included: orbax expects a metric at every save of a manager that tracks
+  one, and warns otherwise). The checkpoint where it is highest is the
+  latest improvement, i.e. the best by Keras' EarlyStopping (min_delta
+  included) rather than by raw val_loss; before the first improvement all
+  are -1 and the newest wins the tie, which `LatestN` keeps anyway.
   `read_only` managers (the tools', transfer's) never write or delete.
   """
   preservation = policies.AnyPreservationPolicy([
@@ -68,8 +71,7 @@ def save(manager, step, state, meta, *, is_best=None):
 
   `is_best` is None for mid-epoch saves, else whether this epoch improved.
   """
-  metrics = None if is_best is None else {
-      BEST_MARKER: float(step if is_best else -1)}
+  metrics = {BEST_MARKER: float(step if is_best else -1)}
   meta = json.loads(json.dumps(meta))  # A snapshot: the save is asynchronous.
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

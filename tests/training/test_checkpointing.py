@@ -50,14 +50,26 @@ def test_keeps_latest_few_and_the_best(tmp_path):
   assert meta == {'epoch': 2, 'history': [0, 1]}
 
 
-def test_mid_epoch_saves_do_not_displace_the_best(tmp_path):
+def test_mid_epoch_saves_do_not_displace_the_best(tmp_path, caplog):
   manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=1)
   _save_epochs(manager, [1])
-  for step in (11, 12, 13):  # Saves without metrics (mid-epoch).
+  for step in (11, 12, 13):  # Mid-epoch saves.
     checkpointing.save(manager, step, _state(step), {'epoch': 1})
   manager.wait_until_finished()
   manager.reload()
   assert sorted(manager.all_steps()) == [10, 13]
+  # Orbax warns at every save of a manager that tracks a metric when the
+  # save gives none.
+  assert 'tracked_metric' not in caplog.text
+
+
+def test_before_the_first_improvement_only_the_latest_are_kept(tmp_path):
+  manager = checkpointing.create_manager(tmp_path / 'ckpt', max_to_keep=1)
+  for step in (1, 2, 3):  # Mid-epoch saves of the first epoch.
+    checkpointing.save(manager, step, _state(step), {'epoch': 0})
+  manager.wait_until_finished()
+  manager.reload()
+  assert manager.all_steps() == [3]
 
 
 def test_restore_latest_skips_a_damaged_checkpoint(tmp_path, caplog):
