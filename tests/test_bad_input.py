@@ -71,8 +71,9 @@ CASES = [
      ['must have an `image` feature']),
     ({'dataset': 'celeb_a', 'mock_data': False},
      ['must have an `image` feature', '`label` feature']),
-    ({'tfds_data_dir': '/nonexistent/tfds'},
-     ["config.tfds_data_dir='/nonexistent/tfds' is not a readable directory"]),
+    ({'tfds_data_dir': lambda tmp: os.path.join(_file(tmp), 'tfds')},
+     ['is not a readable directory and could not be created',
+      '--config.tfds_data_dir=']),
     ({'tfds_data_dir': _file}, ['is not a readable directory']),
     ({'batch_size': 12}, ['config.batch_size=12 must be a positive multiple '
                           'of the number of devices (8)',

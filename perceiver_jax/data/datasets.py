@@ -49,15 +49,7 @@ def builder(config):
   """The tfds builder, after checking the data dir and the name."""
   data_dir = config.get('tfds_data_dir')
   if data_dir is not None:
-    try:
-      if not epath.Path(data_dir).is_dir():
-        raise NotADirectoryError(f'{data_dir} is not a directory')
-      next(iter(epath.Path(data_dir).iterdir()), None)  # Readable?
-    except OSError as e:
-      raise errors.InputError(
-          f'config.tfds_data_dir={data_dir!r} is not a readable directory '
-          f'({e}); create it (mkdir -p) or pass an existing tfds data dir.'
-      ) from None
+    _ensure_data_dir(data_dir)
   try:
     return tfds.builder(config.dataset, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
@@ -67,6 +59,25 @@ def builder(config):
         f'config.dataset={config.dataset!r} is not a tfds dataset.{hint} Pass '
         'a name from tfds.list_builders(), e.g. --config.dataset=cifar100.'
     ) from None
+
+
+def _ensure_data_dir(data_dir):
+  """Creates `config.tfds_data_dir` if need be, as tfds would; checks it reads.
+
+  A first ImageNet preparation names a folder that does not exist yet; only
+  a path that cannot be a readable folder is refused.
+  """
+  path = epath.Path(data_dir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+      raise NotADirectoryError(f'{data_dir} is not a directory')
+    next(iter(path.iterdir()), None)  # Readable?
+  except OSError as e:
+    raise errors.InputError(
+        f'config.tfds_data_dir={data_dir!r} is not a readable directory and '
+        f'could not be created ({e}); pass a folder this user may create or '
+        'read, e.g. --config.tfds_data_dir=~/tensorflow_datasets.') from None
 
 
 def dataset_info(data_builder, config):

@@ -44,14 +44,23 @@ def test_dataset_info_rejects_unusable_datasets(tmp_path, dataset, message):
     datasets.get_dataset_info(config)
 
 
-def test_dataset_info_rejects_missing_data_dir(tmp_path):
-  for data_dir in (tmp_path / 'nope', tmp_path / 'file'):
-    (tmp_path / 'file').write_text('')
+def test_a_data_dir_that_cannot_be_a_folder_is_refused(tmp_path):
+  (tmp_path / 'file').write_text('')
+  for data_dir in (tmp_path / 'file', tmp_path / 'file' / 'tfds'):
     config = tfds_fixtures.make_config(data_dir)
     with pytest.raises(ValueError, match='tfds_data_dir=.*not a readable'):
       datasets.get_dataset_info(config)
     with pytest.raises(ValueError, match='tfds_data_dir'):
       datasets.prepare(config)
+
+
+def test_a_data_dir_that_does_not_exist_yet_is_created(tmp_path):
+  """As tfds does, and as a first ImageNet preparation expects."""
+  data_dir = tmp_path / 'new' / 'tfds'
+  config = tfds_fixtures.make_config(data_dir)
+  info = datasets.get_dataset_info(config)
+  assert data_dir.is_dir()
+  assert info.num_classes == 100
 
 
 def test_varying_image_sizes_take_the_models_input_size(tiny_jpegs):
