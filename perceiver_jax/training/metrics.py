@@ -71,28 +71,51 @@ def is_chief():
 
 
 def plot_learning_curves(history, path):
-  """Loss, top-1 and top-5 accuracy against epoch, train and validation."""
+  """Writes `learning_curves_figure(history)` to `path` as a PNG."""
   if not is_chief() or not history:
     return
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig = learning_curves_figure(history)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
+  plt.close(fig)
+  workdir_lib.write(path, buffer.getvalue())
+
+
+def learning_curves_figure(history):
+  """Loss, top-1 and top-5 accuracy (train and validation) and the learning
+  rate against epoch.
+
+  Epochs are whole numbers on every axis; the learning rate is on a log
+  scale, where each ReduceLROnPlateau cut is a step of the same height.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
+  from matplotlib import ticker
+  # pylint: enable=g-import-not-at-top
   epochs = [h['epoch'] for h in history]
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  fig, axes = plt.subplots(1, 4, figsize=(20, 4))
   for ax, key, title in zip(axes, ('loss', 'accuracy', 'top5_accuracy'),
                             ('Loss', 'Top-1 accuracy', 'Top-5 accuracy')):
     ax.plot(epochs, [h[f'train_{key}'] for h in history], 'o-', label='train')
     ax.plot(epochs, [h[f'val_{key}'] for h in history], 'o-',
             label='validation')
-    ax.set_xlabel('epoch')
     ax.set_title(title)
-    ax.grid(True, alpha=0.3)
     ax.legend()
+  rate = axes[3]
+  rate.plot(epochs, [h['learning_rate'] for h in history], 'o-',
+            drawstyle='steps-pre', color='tab:green')
+  rate.set_yscale('log')  # Epoch e's rate held over (e - 1, e].
+  rate.set_title('Learning rate')
+  for ax in axes:
+    ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)  # Whole ticks for 1 too.
+    ax.grid(True, alpha=0.3)
   fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=100)
-  plt.close(fig)
-  workdir_lib.write(path, buffer.getvalue())
+  return fig
 
 
 class SummaryWriter:
