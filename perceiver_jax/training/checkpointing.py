@@ -7,15 +7,21 @@ sums). The data order and every random key derive from (seed, step), so these
 two items are all a resumed run needs to continue exactly.
 
 Orbax writes each step into a temporary directory and renames it when
-complete, so a crash mid-write never leaves a checkpoint that looks valid.
+complete, so a crash mid-write never leaves a checkpoint that looks valid;
+a save that cannot fit on a local disk is refused before it starts
+(`save`), and an unfinished one is removed (`remove_unfinished`) rather
+than left to fill the disk.
 A finished checkpoint whose files were damaged later is set aside once an
 older one restores (`restore_latest`), so it never blocks the run; one that
 could not be read for another reason (storage unreachable, out of memory)
 is never set aside.
 """
 
+import errno
 import json
 import logging
+import os
+import shutil
 import time
 
 from etils import epath
@@ -28,6 +34,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from perceiver_jax import checks
 from perceiver_jax import errors
 from perceiver_jax.training import read_failures as failures
+from perceiver_jax.training import workdir as workdir_lib
 
 BEST_MARKER = 'best_step'
 # The checkpoint options, as the config takes them.
@@ -59,6 +66,8 @@ def create_manager(directory, *, max_to_keep=1, read_only=False):
       preservation_policy=preservation, create=not read_only,
       read_only=read_only,
       enable_async_checkpointing=True,
+      # What a killed save left behind goes when the next run opens it.
+      cleanup_tmp_directories=not read_only,
       # Without best_fn orbax does not persist the metrics, and a manager
       # reopened on resume would no longer know which checkpoint is best.
       best_fn=lambda m: m[BEST_MARKER], best_mode='max')
@@ -71,11 +80,63 @@ def save(manager, step, state, meta, *, is_best=None):
 
   `is_best` is None for mid-epoch saves, else whether this epoch improved.
   """
+  _check_space(manager, step, state)
   metrics = {BEST_MARKER: float(step if is_best else -1)}
   meta = json.loads(json.dumps(meta))  # A snapshot: the save is asynchronous.
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                metrics=metrics, force=True)
+
+
+# Room a checkpoint needs beyond its arrays' bytes (orbax's metadata).
+SPACE_MARGIN_BYTES = 2**20
+_UNFINISHED = '.orbax-checkpoint-tmp'  # Orbax's name for a save under way.
+
+
+def _check_space(manager, step, state):
+  """Refuses a save that cannot fit on a local disk, before orbax starts.
+
+  Orbax's writer threads fail on a full disk with a traceback each; this
+  raises one OSError (ENOSPC) naming the step's directory instead. Waits
+  for the previous save first (orbax would too), so its bytes are counted.
+  Processes agree (a collective), so none starts a save the others skip.
+  """
+  directory = epath.Path(manager.directory)
+  if not workdir_lib.is_local(directory):
+    return
+  manager.wait_until_finished()
+  need = int(1.1 * sum(getattr(x, 'nbytes', 0)
+                       for x in jax.tree.leaves(state))) + SPACE_MARGIN_BYTES
+  free = shutil.disk_usage(directory).free
+  short = np.int32(free < need)
+  if jax.process_count() > 1:
+    short = multihost_utils.process_allgather(short).max()
+  if short:
+    raise OSError(errno.ENOSPC, f'No space left on device for checkpoint '
+                  f'{step} (about {need:,} bytes needed, {free:,} free)',
+                  os.fspath(directory / str(step)))
+
+
+def remove_unfinished(directory):
+  """Deletes saves that never finished (process 0); returns their names."""
+  directory = epath.Path(directory)
+  if jax.process_index() != 0 or not directory.exists():
+    return []
+  names = []
+  for child in directory.iterdir():
+    if child.name.endswith(_UNFINISHED):
+      child.rmtree()
+      names.append(child.name)
+  return names
+
+
+def latest_step(directory):
+  """The newest finished checkpoint's step in `directory`, or None."""
+  directory = epath.Path(directory)
+  if not directory.exists():
+    return None
+  steps = [int(c.name) for c in directory.iterdir() if c.name.isdigit()]
+  return max(steps, default=None)
 
 
 def restore(manager, step, abstract_state):

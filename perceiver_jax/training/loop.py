@@ -16,6 +16,7 @@ import logging
 
 import jax
 
+from perceiver_jax import errors
 from perceiver_jax.training import callbacks
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import experiment as experiment_lib
@@ -48,11 +49,47 @@ def train_and_evaluate(config, workdir):
       with ex.profile:  # Stops a trace the run leaves open, however it ends.
         state, meta = train(ex, state, meta, watcher, faults)
       ex.manager.wait_until_finished()
-      return test(ex, state, meta)
-    finally:
-      ex.close()
+      result = test(ex, state, meta)
+    except BaseException:
+      _close_after_failure(ex)
+      raise
+    ex.close()
+    return result
+  except Exception as e:  # pylint: disable=broad-except
+    full = workdir_lib.out_of_space_path(e)
+    if full is None:
+      raise
+    raise errors.OutOfSpaceError(_out_of_space(full, workdir)) from e
   finally:
     watcher.close()
+
+
+def _close_after_failure(ex):
+  """Closes `ex` without letting a failure of its own hide the first one.
+
+  Also removes a checkpoint whose save the failure cut short.
+  """
+  try:
+    ex.close()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Closing the run after the failure below failed too: '
+                    '%s: %s', type(e).__name__, str(e).splitlines()[0][:200])
+  for name in checkpointing.remove_unfinished(ex.workdir /
+                                              workdir_lib.CHECKPOINTS):
+    logging.info('Removed the unfinished checkpoint %s.', name)
+
+
+def _out_of_space(full, workdir):
+  """The paragraph a full disk ends training with."""
+  directory = workdir_lib.path(workdir) / workdir_lib.CHECKPOINTS
+  step = checkpointing.latest_step(directory)
+  where = f' writing {full}' if full else ''
+  resume = (f'it resumes from checkpoint {step} in {directory}' if step
+            is not None else 'no checkpoint was written yet, so it starts '
+            'over')
+  return (f'No space left on the device{where}. Training stopped; nothing '
+          f'half-written was kept. Free space there (or raise the quota) and '
+          f'rerun the same command: {resume}.')
 
 
 def train(ex, state, meta, watcher, faults):
@@ -64,7 +101,11 @@ def train(ex, state, meta, watcher, faults):
       break
     state, step, log, preempted = train_epoch(ex, state, meta, epoch, step,
                                               batches, watcher, faults)
-    meta = end_epoch(ex, state, meta, epoch, step, log, faults)
+    try:
+      meta = end_epoch(ex, state, meta, epoch, step, log, faults)
+    except BaseException:
+      log.close()  # A bar left open prints again at exit, after the error.
+      raise
     if preempted:
       ex.manager.wait_until_finished()
       raise preemption.Preempted(step)
@@ -89,25 +130,29 @@ def train_epoch(ex, state, meta, epoch, step, batches, watcher, faults):
                              meta['epoch_sums'])
   preempted = False
   train_step = ex.profile.wrap(ex.train_step, step)  # config.profile_steps
-  for s in range(first, spe):
-    local_batch = next(batches)
-    faults.consumed(step + 1, local_batch)
-    batch = sharding_lib.global_batch(ex.mesh, local_batch)
-    lr = faults.learning_rate(
-        step, ex.learning_rates.at(epoch * spe + s, plateau_lr))
-    state, step_metrics = train_step(state, batch, lr)
-    step += 1
-    preempted = watcher.reached(step)
-    save = s + 1 < spe and (preempted or _save_due(config, step))
-    log.add(step, s + 1, step_metrics, lr, force=save)
-    if save:
-      _save(ex, step, state,
-            dict(meta, epoch_sums=log.sums.flush(), epoch_step=s + 1), faults)
-    if preempted and s + 1 < spe:
-      ex.manager.wait_until_finished()
-      log.close()
-      raise preemption.Preempted(step)
-    faults.after_step(step, ex.manager)
+  try:
+    for s in range(first, spe):
+      local_batch = next(batches)
+      faults.consumed(step + 1, local_batch)
+      batch = sharding_lib.global_batch(ex.mesh, local_batch)
+      lr = faults.learning_rate(
+          step, ex.learning_rates.at(epoch * spe + s, plateau_lr))
+      state, step_metrics = train_step(state, batch, lr)
+      step += 1
+      preempted = watcher.reached(step)
+      save = s + 1 < spe and (preempted or _save_due(config, step))
+      log.add(step, s + 1, step_metrics, lr, force=save)
+      if save:
+        _save(ex, step, state, dict(meta, epoch_sums=log.sums.flush(),
+                                    epoch_step=s + 1), faults)
+      if preempted and s + 1 < spe:
+        ex.manager.wait_until_finished()
+        log.close()
+        raise preemption.Preempted(step)
+      faults.after_step(step, ex.manager)
+  except BaseException:
+    log.close()  # A bar left open prints again at exit, after the error.
+    raise
   return state, step, log, preempted
 
 

@@ -14,10 +14,12 @@ write only local files (TensorBoard's event writer, jax's profiler) write
 into a `Mirror`, which copies them in.
 """
 
+import errno
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -26,6 +28,7 @@ import jax
 import numpy as np
 
 from perceiver_jax import errors
+from perceiver_jax.training import read_failures
 
 CONFIG = 'config.json'  # The run's config.
 NORMALIZATION = 'normalization.json'  # Training-split statistics + source.
@@ -37,6 +40,11 @@ LEARNING_CURVES = 'learning_curves.png'
 TENSORBOARD = 'tensorboard'
 ATTENTION_MAPS = 'attention_maps.png'  # --mode=attention's default output.
 TMP_SUFFIX = '.tmp'
+# A full disk, or a full quota.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How tensorstore (orbax's array writer) reports one, and the file it names.
+_NO_SPACE_TEXT = re.compile(r"No space left on device|os_error_code='(28|122)'")
+_FILE_IN_TEXT = re.compile(r'(?:local file|Failed writing:) "([^"]+)"')
 
 
 def path(workdir):
@@ -55,16 +63,60 @@ def is_local(file_path):
 
 
 def write(file_path, data):
-  """Writes `data` (str or bytes) to `file_path` atomically (module doc)."""
+  """Writes `data` (str or bytes) to `file_path` atomically (module doc).
+
+  A failed write leaves no `NAME.tmp` behind, and a full disk's OSError
+  names `file_path`.
+  """
   file_path = epath.Path(file_path)
   target = (file_path if not is_local(file_path) else
             file_path.with_name(file_path.name + TMP_SUFFIX))
-  if isinstance(data, bytes):
-    target.write_bytes(data)
-  else:
-    target.write_text(data)
-  if target != file_path:
-    target.replace(file_path)
+  with _cleaned_up(target, file_path):
+    if isinstance(data, bytes):
+      target.write_bytes(data)
+    else:
+      target.write_text(data)
+    if target != file_path:
+      target.replace(file_path)
+
+
+class _cleaned_up:  # pylint: disable=invalid-name
+  """Removes the temporary `target` of `file_path` when the write fails."""
+
+  def __init__(self, target, file_path):
+    self.target, self.file_path = target, file_path
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, traceback):
+    if error is None or self.target == self.file_path:
+      return False
+    try:
+      self.target.unlink(missing_ok=True)
+    except OSError:
+      pass  # The write's own error says more.
+    if (isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS
+        and not error.filename):
+      raise OSError(error.errno, error.strerror,
+                    os.fspath(self.file_path)) from error
+    return False
+
+
+def out_of_space_path(error):
+  """The path a write could not fill for lack of space, or None.
+
+  None unless `error` (or what it was raised from) is a full disk or quota:
+  an OSError with ENOSPC / EDQUOT, or tensorstore's message for one. The
+  path is '' where the error names none.
+  """
+  for e in read_failures.chain(error):
+    if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+      return os.fspath(e.filename or '')
+    if _NO_SPACE_TEXT.search(str(e)):
+      named = _FILE_IN_TEXT.search(str(e))
+      return named.group(1) if named else ''
+  return None
 
 
 def write_json(file_path, obj):
@@ -79,9 +131,10 @@ def upload(local_file, file_path):
   target = (file_path if not is_local(file_path) else
             file_path.with_name(file_path.name + TMP_SUFFIX))
   target.parent.mkdir(parents=True, exist_ok=True)
-  epath.Path(local_file).copy(target, overwrite=True)
-  if target != file_path:
-    target.replace(file_path)
+  with _cleaned_up(target, file_path):
+    epath.Path(local_file).copy(target, overwrite=True)
+    if target != file_path:
+      target.replace(file_path)
 
 
 class Mirror:

@@ -5,6 +5,7 @@ damage real checkpoints and check what orbax and tensorstore raise for it;
 transient failures (storage, memory) are injected.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -70,6 +71,34 @@ def test_before_the_first_improvement_only_the_latest_are_kept(tmp_path):
   manager.wait_until_finished()
   manager.reload()
   assert manager.all_steps() == [3]
+
+
+def test_a_save_that_cannot_fit_is_refused_before_it_starts(tmp_path,
+                                                           monkeypatch):
+  directory = tmp_path / 'ckpt'
+  manager = checkpointing.create_manager(directory, max_to_keep=2)
+  _save_epochs(manager, [1])
+  free = checkpointing.SPACE_MARGIN_BYTES  # Less than 16 bytes + margin.
+  monkeypatch.setattr(checkpointing.shutil, 'disk_usage',
+                      lambda path: shutil._ntuple_diskusage(10**9, 0, free))
+  with pytest.raises(OSError) as e:
+    checkpointing.save(manager, 20, _state(2), {'epoch': 2}, is_best=True)
+  assert e.value.errno == errno.ENOSPC
+  assert e.value.filename == str(directory / '20')
+  assert sorted(os.listdir(directory)) == ['10']
+  assert checkpointing.latest_step(directory) == 10
+
+
+def test_unfinished_saves_are_removed(tmp_path):
+  directory = tmp_path / 'ckpt'
+  manager = checkpointing.create_manager(directory)
+  _save_epochs(manager, [1])
+  (directory / '20.orbax-checkpoint-tmp' / 'state').mkdir(parents=True)
+  assert checkpointing.remove_unfinished(directory) == [
+      '20.orbax-checkpoint-tmp']
+  assert os.listdir(directory) == ['10']
+  assert checkpointing.latest_step(directory) == 10
+  assert checkpointing.latest_step(tmp_path / 'none') is None
 
 
 def test_restore_latest_skips_a_damaged_checkpoint(tmp_path, caplog):

@@ -285,3 +285,52 @@ def test_run_resumed_on_another_slice_reads_on_exactly(tmp_path):
   step, history, _ = _final(workdir)
   assert step == 16 + 4
   assert [h['epoch'] for h in json.loads(history)] == [1, 2, 3]
+
+
+_FULL_DISK_SCRIPT = '''
+set -e
+mount -t tmpfs -o size=1800k tmpfs "$DISK"
+"$PYTHON" main.py --config=configs/fake_data.py --workdir="$DISK/run" $FLAGS \
+    >"$OUT/full.out" 2>"$OUT/full.err" || echo $? >"$OUT/full.rc"
+find "$DISK/run" >"$OUT/full.files"
+mount -o remount,size=64m "$DISK"
+"$PYTHON" main.py --config=configs/fake_data.py --workdir="$DISK/run" $FLAGS \
+    >"$OUT/rerun.out" 2>"$OUT/rerun.err" || echo $? >"$OUT/rerun.rc"
+cp -r "$DISK/run" "$OUT/run"
+'''
+
+
+def test_a_full_disk_ends_in_one_paragraph_and_the_rerun_resumes(
+    tmp_path, reference):
+  """A real full filesystem: a 1.8 MB tmpfs in a private mount namespace
+  (`unshare`, no privileges needed), enlarged before the rerun."""
+  disk, out = tmp_path / 'disk', tmp_path / 'out'
+  disk.mkdir()
+  out.mkdir()
+  env = subprocess_env(1)
+  env.update(DISK=str(disk), OUT=str(out), PYTHON=sys.executable,
+             FLAGS=' '.join(FLAGS))
+  proc = subprocess.run(
+      ['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c',
+       _FULL_DISK_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=900, check=False)
+  assert proc.returncode == 0, (
+      'Could not run the runs on a small tmpfs in a private mount namespace '
+      f'(unshare and mount): {proc.stderr[-2000:]}')
+  stderr = (out / 'full.err').read_text()
+  assert (out / 'full.rc').read_text().strip() == '1', stderr[-4000:]
+  assert 'Traceback' not in stderr, stderr[-4000:]
+  last = stderr.strip().splitlines()[-1]
+  run = f'{disk}/run'
+  prefix = f'Error: No space left on the device writing {run}/'
+  assert last.startswith(prefix), stderr[-4000:]
+  step = int(last.split('it resumes from checkpoint ')[1].split()[0])
+  assert last.endswith(f'rerun the same command: it resumes from checkpoint '
+                       f'{step} in {run}/checkpoints.')
+  assert step < 12
+  files = (out / 'full.files').read_text().split()
+  assert not [f for f in files if 'tmp' in os.path.basename(f)], files
+  rerun = (out / 'rerun.err').read_text()
+  assert not (out / 'rerun.rc').exists(), rerun[-4000:]
+  assert f'Resuming from step {step} ' in rerun
+  _assert_identical(_final(out / 'run'), reference)

@@ -3,6 +3,7 @@
 The gs:// cases run in this process against the local GCS emulator (`gcs`).
 """
 
+import errno
 import os
 
 from etils import epath
@@ -52,6 +53,45 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
   with pytest.raises(OSError, match='disk full'):
     workdir_lib.write(target, 'new contents')
   assert target.read_text() == 'old'
+
+
+def test_a_full_disk_leaves_no_tmp_and_names_the_file(tmp_path,
+                                                      monkeypatch):
+  target = tmp_path / 'learning_curves.png'
+
+  def fill_the_disk(path, data):
+    with open(path, 'wb') as f:
+      f.write(data[:2])
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(epath.Path, 'write_bytes', fill_the_disk)
+  with pytest.raises(OSError) as e:
+    workdir_lib.write(target, b'\x89PNG...')
+  assert e.value.errno == errno.ENOSPC
+  assert workdir_lib.out_of_space_path(e.value) == str(target)
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('error,path', [
+    (OSError(errno.ENOSPC, 'No space left on device', '/w/history.json'),
+     '/w/history.json'),
+    (OSError(errno.EDQUOT, 'Disk quota exceeded'), ''),
+    # tensorstore's error for a full disk, as orbax's writer threads raise it.
+    (ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/ckpt/8.'
+                'orbax-checkpoint-tmp/state/_sharding": Failed writing: '
+                '"/w/ckpt/8.orbax-checkpoint-tmp/state/_sharding.__lock": '
+                'Failed to write 35441 bytes to file 9: No space left on '
+                "device [os_error_code='28']"),
+     '/w/ckpt/8.orbax-checkpoint-tmp/state/_sharding'),
+    (OSError(errno.EIO, 'Input/output error'), None),
+    (ValueError('RESOURCE_EXHAUSTED: out of memory'), None),
+])
+def test_out_of_space_path(error, path):
+  assert workdir_lib.out_of_space_path(error) == path
+  try:
+    raise RuntimeError('wrapped') from error
+  except RuntimeError as wrapped:
+    assert workdir_lib.out_of_space_path(wrapped) == path
 
 
 def test_write_json_is_process_0s(tmp_path, monkeypatch):
