@@ -88,8 +88,10 @@ def save(manager, step, state, meta, *, is_best=None):
                metrics=metrics, force=True)
 
 
-# Room a checkpoint needs beyond its arrays' bytes (orbax's metadata).
-SPACE_MARGIN_BYTES = 2**20
+# Room a checkpoint needs beyond its arrays' bytes: orbax's metadata, about
+# 350 bytes per array in its sharding file (measured), and a little more.
+SPACE_MARGIN_BYTES = 64 * 2**10
+SPACE_PER_ARRAY_BYTES = 2**10
 _UNFINISHED = '.orbax-checkpoint-tmp'  # Orbax's name for a save under way.
 
 
@@ -105,8 +107,9 @@ def _check_space(manager, step, state):
   if not workdir_lib.is_local(directory):
     return
   manager.wait_until_finished()
-  need = int(1.1 * sum(getattr(x, 'nbytes', 0)
-                       for x in jax.tree.leaves(state))) + SPACE_MARGIN_BYTES
+  leaves = jax.tree.leaves(state)
+  need = (int(1.1 * sum(getattr(x, 'nbytes', 0) for x in leaves))
+          + SPACE_PER_ARRAY_BYTES * len(leaves) + SPACE_MARGIN_BYTES)
   free = shutil.disk_usage(directory).free
   short = np.int32(free < need)
   if jax.process_count() > 1:
