@@ -56,6 +56,11 @@ class Case:
     """The config file's name without `.py` (`imagenet_perceiver_io`)."""
     return os.path.splitext(os.path.basename(self.path))[0]
 
+  @property
+  def label(self):
+    """The config's name and variant (`imagenet_perceiver_io:fourier`)."""
+    return self.name + (f':{self.arg}' if self.arg else '')
+
   def exists(self):
     return os.path.exists(self.path)
 

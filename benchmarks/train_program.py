@@ -70,7 +70,7 @@ def build(config, mesh=None, abstract=False):
               raw_size)
 
 
-def batch(step, seed=0, abstract=False):
+def synthetic_batch(step, seed=0, abstract=False):
   """A global batch of `step`'s data shape, placed on its mesh.
 
   Random uint8 images (the served side: the step resizes them to
@@ -92,16 +92,15 @@ def batch(step, seed=0, abstract=False):
       'label': rng.integers(0, step.num_classes, (local,), dtype=np.int32)})
 
 
-def lower(step, state=None, batch_=None):
+def lower(step, state=None, batch=None):
   """`step`'s train step lowered for its state and an abstract batch.
 
-  `state` and `batch_` (arrays or shapes) default to `step.state` and
-  `batch(step, abstract=True)`.
+  `state` and `batch` (arrays or shapes) default to `step.state` and
+  `synthetic_batch(step, abstract=True)`.
   """
   state = step.state if state is None else state
-  batch_ = batch(step, abstract=True) if batch_ is None else batch_
-  return step.train_step.lower(state, batch_,
-                               float(step.config.learning_rate))
+  batch = synthetic_batch(step, abstract=True) if batch is None else batch
+  return step.train_step.lower(state, batch, float(step.config.learning_rate))
 
 
 def compile_step(step, compiler_options=None, **lower_args):
