@@ -17,10 +17,10 @@ XLA reports the bytes of the arguments (state, batch, learning rate), the
 outputs (new state, metric sums) and the temporaries of the program. The
 state is donated, so it is both an argument and an output (XLA's 'alias'
 bytes); the step's peak is `argument + output + temp - alias`
-(`compiled_memory_bytes`, which the other benchmarks report too). These are XLA:CPU's buffer
-assignment; XLA:GPU and XLA:TPU fuse and schedule differently, so their
-figures differ (an accelerator's own compile gives its own). Imports
-neither tensorflow nor tfds.
+(`compiled_memory_bytes`, which the other benchmarks report too). On a
+CPU these are XLA:CPU's buffer assignment; XLA:GPU and XLA:TPU fuse and
+schedule differently, so their figures differ (an accelerator's own
+compile gives its own). Imports neither tensorflow nor tfds.
 """
 
 import json

@@ -4,8 +4,9 @@ r"""A roofline on paper: the train step's predicted time on GPUs and TPUs.
   python benchmarks/roofline.py --cases=cifar100@64+float32 --top=10
 
 Compiles each case's train step (the one `main.py` trains with,
-`train_program.build`, from abstract inputs) on the machine it runs on, reads XLA's cost analysis of the compiled program (FLOPs
-and bytes accessed) and predicts the step time on each accelerator of
+`train_program.build`, from abstract inputs) on the machine it runs on,
+reads XLA's cost analysis of the compiled program (FLOPs and bytes
+accessed) and predicts the step time on each accelerator of
 `ACCELERATORS` from its published peak FLOP/s and memory bandwidth:
 
   time = max(flops / peak, bytes / bandwidth)
