@@ -66,6 +66,11 @@ class Case:
 
   def config(self):
     """The config the case names, its batch and dtype applied."""
+    if not self.exists():
+      raise errors.InputError(
+          f'Benchmark case {self.spec!r}: no config file {self.path}. CONFIG '
+          'is a file under configs/ without .py (e.g. imagenet_perceiver) or '
+          'the path of one.')
     config = load_config(self.path, self.arg)
     return variant(config, **{name: value for name, value in (
         ('batch_size', self.batch), ('dtype', self.dtype))

@@ -25,7 +25,11 @@ def test_spelling():
   case = cases.parse_case('cifar100_fast+float32')
   assert (case.label, case.batch, case.dtype) == ('cifar100_fast', None,
                                                   'float32')
-  assert not cases.parse_case('no_such_config').exists()
+  missing = cases.parse_case('no_such_config@8')
+  assert not missing.exists()
+  with pytest.raises(errors.InputError, match="'no_such_config@8': no config "
+                     'file .*no_such_config.py'):
+    missing.config()
 
 
 def test_config_applies_variant_batch_and_dtype():
