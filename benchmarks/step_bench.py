@@ -1,12 +1,12 @@
 """Compiled train steps of several configs on one mesh, timed.
 
 Used by device_check.py: programs with the same config compile once, each
-lowered from abstract inputs (`train_program`), every case starts from its
+lowered from abstract inputs (`train_program`); every case starts from its
 architecture's initial train state (kept on the host, so donation cannot
-consume it), and each timing reports what the device
-check's table lists (images/s, MFU against the measured peak, XLA's cost
-and the roofline it predicts, memory, epoch times). `batch_sweep` doubles
-the batch while that pays.
+consume it), and each timing reports what the device check's table lists
+(images/s, MFU against the measured peak, XLA's cost and the roofline it
+predicts, memory, epoch times). `batch_sweep` doubles the batch while that
+pays.
 """
 
 import concurrent.futures
