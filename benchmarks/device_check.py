@@ -22,7 +22,8 @@ after every section (a run cut short keeps what it measured):
    over a few real train steps from one initial state.
 3. seed: the seed's train step in float32 and bfloat16 at batch 64, then
    at doubling batches while they fit and pay (`step_bench.batch_sweep`).
-4. configs: `--configs` at their own batch (default cifar100_fast and the
+4. configs: `--configs`, each a case `CONFIG[:ARG][@BATCH][+DTYPE]`
+   (benchmarks/cases.py; default cifar100_fast at its own batch and the
    paper's ImageNet model at batch 16); a missing config file is a note.
 
 Every configuration compiles once; nothing starts after `--max_minutes`
@@ -77,6 +78,7 @@ from absl import flags
 import jax
 import jaxlib
 
+from benchmarks import cases
 from benchmarks import device_report
 from benchmarks import fast_paths
 from benchmarks import roofline
@@ -112,12 +114,13 @@ def _define_flags():
   flags.DEFINE_list('sections', [name for name, _ in PLAN],
                     'Sections to run.')
   flags.DEFINE_string('seed_config', 'configs/cifar100.py',
-                      'The config the checks and the batch sweep use.')
-  flags.DEFINE_list('configs', ['configs/cifar100_fast.py',
-                                'configs/imagenet_perceiver.py@16'],
-                    'Further configs to time, PATH[:ARG][@BATCH] (ARG as '
-                    "main.py's --config=PATH:ARG; BATCH: default the "
-                    "config's own); missing files are skipped.")
+                      'The config the checks and the batch sweep use '
+                      '(CONFIG[:ARG], see benchmarks/cases.py).')
+  flags.DEFINE_list('configs', ['cifar100_fast', 'imagenet_perceiver@16'],
+                    'Further configs to time, each a case '
+                    f'{cases.SPELLING} (benchmarks/cases.py: ARG as '
+                    "main.py's --config=PATH:ARG; BATCH and DTYPE: default "
+                    "the config's own); missing files are skipped.")
   flags.DEFINE_integer('check_batch', 64, 'Global batch of the checks.')
   flags.DEFINE_integer('check_steps', 3, 'Train steps compared per path.')
   flags.DEFINE_integer('sweep_start', 64, 'First batch of the sweep.')
@@ -140,21 +143,18 @@ def _define_flags():
 # Configs.
 
 
-def parse_config_spec(spec):
-  """`(path, arg or None, batch or None)` of `PATH[:ARG][@BATCH]`."""
-  spec, _, batch = spec.partition('@')
-  path, _, arg = spec.partition(':')
-  return path, arg or None, int(batch) if batch else None
-
-
-def smoke_config(path, arg):
-  """A tiny version of a config: its own 'test' variant where it has one
-  (`get_config('test')`), else its options on configs/fake_data.py's model.
+def smoke_config(case):
+  """A tiny version of a case's config: its own 'test' variant where it has
+  one (`get_config('test')`), else its options on configs/fake_data.py's
+  model; the case's dtype either way.
   """
-  get_config = roofline.config_module(path).get_config
-  if arg is None and inspect.signature(get_config).parameters:
-    return get_config('test')
-  return step_bench.variant(roofline.load_config(path, arg), **SMOKE_MODEL)
+  get_config = cases.config_module(case.path).get_config
+  if case.arg is None and inspect.signature(get_config).parameters:
+    config = get_config('test')
+  else:
+    config = cases.variant(case.config(), **SMOKE_MODEL)
+  return config if case.dtype is None else cases.variant(config,
+                                                         dtype=case.dtype)
 
 
 # --------------------------------------------------------------------------
@@ -196,14 +196,13 @@ def run(argv_flags, log=print):
   steps, warmup = (1, 0) if smoke else (f.steps, f.warmup)
 
   def with_batch(config, batch):
-    return step_bench.variant(config, batch_size=batch)
+    return cases.variant(config, batch_size=batch)
 
-  seed_path = os.path.join(_ROOT, f.seed_config)
-  seed = roofline.load_config(seed_path)
+  seed_case = cases.parse_case(f.seed_config)
+  seed = seed_case.config()
   if smoke:
-    seed = step_bench.variant(seed, **SMOKE_MODEL)
-  seed_classes, seed_raw = roofline.data_shape(seed)
-  seed_name = os.path.splitext(os.path.basename(f.seed_config))[0]
+    seed = cases.variant(seed, **SMOKE_MODEL)
+  seed_name = seed_case.label
   n = len(devices)
   check_batch = n if smoke else f.check_batch
   sweep_start = n if smoke else f.sweep_start
@@ -246,9 +245,8 @@ def run(argv_flags, log=print):
     results['check_setup'] = {'config': f.seed_config, 'batch': check_batch,
                               'steps': 1 if smoke else f.check_steps}
     rows, status = fast_paths.check_all(
-        bench, fast_paths.check_paths(base, smoke), seed_name, seed_classes,
-        seed_raw, results['check_setup']['steps'], steps, clock.deadline,
-        log)
+        bench, fast_paths.check_paths(base, smoke), seed_name,
+        results['check_setup']['steps'], steps, clock.deadline, log)
     results['checks'] += rows
     return status
 
@@ -269,8 +267,8 @@ def run(argv_flags, log=print):
       def run_wave(batches, dtype=dtype):
         """Compiles `batches` together, then times them one by one."""
         programs = bench.programs(
-            [(seed_name, step_bench.variant(with_batch(seed, b), dtype=dtype),
-              seed_classes, seed_raw) for b in batches],
+            [(seed_name, cases.variant(with_batch(seed, b), dtype=dtype))
+             for b in batches],
             deadline=clock.deadline)
         for program in programs:
           yield time_and_log(program, seed_name)
@@ -287,21 +285,16 @@ def run(argv_flags, log=print):
 
   def other_configs():
     specs, status = [], 'done'
-    for entry in f.configs:
-      path, arg, batch = parse_config_spec(entry)
-      full = os.path.join(_ROOT, path)
-      if not os.path.exists(full):
-        note = f'{path} does not exist (yet): not timed.'
+    for case in map(cases.parse_case, f.configs):
+      if not case.exists():
+        note = (f'{os.path.relpath(case.path, _ROOT)} does not exist (yet): '
+                'not timed.')
         results['notes'].append(note)
         log('  ' + note)
         continue
-      config = (smoke_config(full, arg) if smoke
-                else roofline.load_config(full, arg))
-      classes, raw = roofline.data_shape(config)
-      config = with_batch(config, n if smoke else batch or
-                            config.batch_size)
-      specs.append((os.path.splitext(os.path.basename(path))[0], config,
-                    classes, raw))
+      config = (with_batch(smoke_config(case), n) if smoke
+                else case.config())
+      specs.append((case.label, config))
     programs = bench.programs(specs, deadline=clock.deadline)
     for spec, program in zip(specs, programs):
       if time.perf_counter() > clock.deadline:

@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks import cases
 from benchmarks import step_bench
 from benchmarks import throughput
 from perceiver_jax.model import perceiver
@@ -64,20 +65,20 @@ def check_paths(seed_config, smoke=False):
   reference = seed_config
   paths = [('float32', None, reference),
            ('bfloat16', 'float32',
-            step_bench.variant(reference, dtype='bfloat16')),
-           ('remat', 'float32', step_bench.variant(reference, remat=True)),
+            cases.variant(reference, dtype='bfloat16')),
+           ('remat', 'float32', cases.variant(reference, remat=True)),
            ('factored', 'float32',
-            step_bench.variant(reference, attention_form='factored'))]
-  model = perceiver.create_model(reference, 100)
+            cases.variant(reference, attention_form='factored'))]
+  model = perceiver.create_model(reference, cases.data_shape(reference)[0])
   if not (smoke or model.latent_attention_folded(reference.batch_size)):
     paths.append(('folded', 'float32',
-                  step_bench.variant(reference, attention_form='folded')))
+                  cases.variant(reference, attention_form='folded')))
   skipped = []
   if platform == 'gpu':
-    no_drop = step_bench.variant(reference, attention_dropout_rate=0.0)
+    no_drop = cases.variant(reference, attention_dropout_rate=0.0)
     paths += [('float32, no attention dropout', None, no_drop),
               ('cudnn (bfloat16)', 'float32, no attention dropout',
-               step_bench.variant(no_drop, dtype='bfloat16',
+               cases.variant(no_drop, dtype='bfloat16',
                                   attention_impl='cudnn'))]
   else:
     skipped.append(('cudnn (bfloat16)', f'fused cuDNN attention is GPU-only '
@@ -87,7 +88,7 @@ def check_paths(seed_config, smoke=False):
 
 def run_check(bench, program, num_steps):
   """Losses and gradient norms of `num_steps` steps, and the update."""
-  state, _ = bench.initial_state(program)
+  state = bench.initial_state(program)
   initial = step_bench.flat(jax.device_get(state.params))
   lr = float(program.config.learning_rate)
   losses, grad_norms = [], []
@@ -120,15 +121,14 @@ def compare(result, reference, update, reference_update):
               verdict='ok' if not problems else 'FAIL: ' + '; '.join(problems))
 
 
-def check_all(bench, paths_and_skipped, name, num_classes, raw_shape,
-              num_steps, timing_steps, deadline, log=print):
+def check_all(bench, paths_and_skipped, name, num_steps, timing_steps,
+              deadline, log=print):
   """Runs every path of `check_paths` and compares it with its reference.
 
   Args:
     bench: the `step_bench.Bench` that compiles and feeds the steps.
     paths_and_skipped: what `check_paths` returns.
     name: the seed config's name, for the compile log.
-    num_classes, raw_shape: the seed's data, as `roofline.data_shape` gives.
     num_steps: train steps each path takes from the common initial state.
     timing_steps: steps timed per path (its step ms, for the table).
     deadline: `time.perf_counter()` after which no path starts.
@@ -140,8 +140,8 @@ def check_all(bench, paths_and_skipped, name, num_classes, raw_shape,
   """
   paths, skipped = paths_and_skipped
   programs = bench.programs(
-      [(f'{name} [{path}]', config, num_classes, raw_shape)
-       for path, _, config in paths], deadline=deadline)
+      [(f'{name} [{path}]', config) for path, _, config in paths],
+      deadline=deadline)
   rows, outcome, status = [], {}, 'done'
   for (path, against, _), program in zip(paths, programs):
     row = {'path': path, 'against': against}

@@ -6,7 +6,6 @@ analysis of a compiled program, which also counts elementwise work. Imports
 neither tensorflow nor tfds.
 """
 
-from perceiver_jax.model import folded as folded_lib
 from perceiver_jax.model import perceiver
 from perceiver_jax.model import position_encoding as position_lib
 from perceiver_jax.model import sharing
@@ -87,7 +86,6 @@ def analytic_flops_per_example(config, num_classes, channels=CHANNELS,
   t_max = model.num_iterations
   ffn = (d,) + tuple(model.ffn_units)
   patch_values = model.patch_size**2 * channels
-  data_width = model.data_width(channels)
   fourier = position_lib.num_fourier_features(2, model.fourier_num_bands)
   stem = model.preprocessor_channels
   if model.preprocessor == 'conv1x1':
@@ -108,12 +106,9 @@ def analytic_flops_per_example(config, num_classes, channels=CHANNELS,
   else:  # 'add': the position features are projected once per batch.
     patch_projection = 2 * m * (patch_values + fourier / batch_size) * d
 
-  cross_heads = model.num_cross_heads
-  cross_head_dim = (data_width if model.cross_attention_width == 'input'
-                    else d) // max(cross_heads, 1)
-  cross_shape = (n, m, d, data_width, d if cross_heads else 0,
-                 max(cross_heads, 1), cross_head_dim)
-  latent_shape = (n, n, d, d, d, model.num_heads, model.latent_head_dim)
+  # The model's attention shapes (and forms), as its modules decide them.
+  shapes = model.attention_shapes(channels)
+  cross_shape, latent_shape = shapes['cross'], shapes['latent']
   cross_sets, latent_sets = (
       sharing.num_weight_sets(model.weight_sharing, kind, t_max)
       for kind in (sharing.CROSS_ATTENTION, sharing.TRANSFORMER))
@@ -128,16 +123,12 @@ def analytic_flops_per_example(config, num_classes, channels=CHANNELS,
     return flops * (sets + 2 * calls) / (
         3 * calls * (1 if per_example else batch_size))
 
-  # The 'query' decoder has the cross-attention's heads, 'perceiver_io' one.
-  decoder_heads = max(cross_heads, 1) if model.decoder == 'query' else 1
-  decoder_shape = (1, n, d, d, d, decoder_heads, d // decoder_heads)
-
   def parts_in(cross_folded, latent_folded, decoder_folded):
     cross = attention_flops(cross_folded, *cross_shape)
     latent = attention_flops(latent_folded, *latent_shape)
     decoder = 0
-    if model.decoder != 'mean':  # Its weight products once per step.
-      decoder = attention_flops(decoder_folded, *decoder_shape)
+    if 'decoder' in shapes:  # Its weight products once per step.
+      decoder = attention_flops(decoder_folded, *shapes['decoder'])
       weights = decoder.pop('weights')
       decoder = sum(decoder.values()) + weights / batch_size
     if model.decoder == 'perceiver_io':  # The block's MLP on the query.
@@ -170,11 +161,9 @@ def analytic_flops_per_example(config, num_classes, channels=CHANNELS,
                 p['transformer_block'] + p['weight_folding']) +
             p['decoder'] + p['classifier'])
 
-  parts = parts_in(
-      model.cross_attention_folded(batch_size, channels),
-      model.latent_attention_folded(batch_size),
-      folded_lib.uses_folded_form(model.compute.attention_form, batch_size,
-                                  *decoder_shape))
+  parts = parts_in(*(
+      kind in shapes and model.attention_folded(kind, batch_size, channels)
+      for kind in ('cross', 'latent', 'decoder')))
   factored = parts_in(False, False, False)
   parts['total'] = total(parts)
   parts['factored_total'] = total(factored)

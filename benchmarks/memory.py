@@ -1,24 +1,26 @@
 r"""The train step's memory by `grad_accum_steps`, from XLA's memory analysis.
 
   python benchmarks/memory.py                 # the table in BENCHMARKS.md
-  python benchmarks/memory.py --cases=imagenet_perceiver::1024 --accum=1,16
+  python benchmarks/memory.py --cases=imagenet_perceiver_io:conv@256 \
+      --accum=1,16
   python benchmarks/memory.py --smoke         # a tiny model, in seconds
 
-For each case (`CONFIG:DTYPE:BATCH`, as in benchmarks/roofline.py) and each
-number of micro-batches K, compiles the train step `main.py` trains with for
-one device and reads `compiled.memory_analysis()`. The step is lowered from
-abstract inputs (the state's shapes from `jax.eval_shape`, the batch as
-`jax.ShapeDtypeStruct`s), so nothing of the state's or the batch's size is
-allocated: a batch far too large for this machine compiles all the same.
+For each case (`CONFIG[:ARG][@BATCH][+DTYPE]`, see benchmarks/cases.py) and
+each number of micro-batches K, compiles the train step `main.py` trains
+with for one device (`train_program.build`) and reads
+`compiled.memory_analysis()`. The step is lowered from abstract inputs (the
+state's shapes from `jax.eval_shape`, the batch as `jax.ShapeDtypeStruct`s
+of the config's data shape), so nothing of the state's or the batch's size
+is allocated: a batch far too large for this machine compiles all the same.
 
 XLA reports the bytes of the arguments (state, batch, learning rate), the
 outputs (new state, metric sums) and the temporaries of the program. The
 state is donated, so it is both an argument and an output (XLA's 'alias'
-bytes); the step's peak is `argument + output + temp - alias`, as
-`throughput.compiled_memory_bytes` computes it. These are XLA:CPU's buffer
-assignment; XLA:GPU and XLA:TPU fuse and schedule differently, so their
-figures differ (an accelerator's own compile gives its own). Imports
-neither tensorflow nor tfds.
+bytes); the step's peak is `argument + output + temp - alias`
+(`compiled_memory_bytes`, which the other benchmarks report too). On a
+CPU these are XLA:CPU's buffer assignment; XLA:GPU and XLA:TPU fuse and
+schedule differently, so their figures differ (an accelerator's own
+compile gives its own). Imports neither tensorflow nor tfds.
 """
 
 import json
@@ -32,30 +34,47 @@ if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import cases as cases_lib
 from benchmarks import roofline
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-# The cases and K of BENCHMARKS.md's table: the paper's batch, and a batch
-# small enough that K=1 compiles quickly too.
-DEFAULT_CASES = ('imagenet_perceiver::1024', 'imagenet_perceiver::64')
-DEFAULT_ACCUM = (1, 4, 16, 64, 256, 1024)
-SMOKE_CASES = ('fake_data::16',)
+# The cases and K of BENCHMARKS.md's table: the ImageNet configs at their
+# own batch (the papers' 1024).
+DEFAULT_CASES = ('imagenet_perceiver', 'imagenet_perceiver_io:learned',
+                 'imagenet_perceiver_io:fourier', 'imagenet_perceiver_io:conv')
+DEFAULT_ACCUM = (1, 4, 16, 64)
+SMOKE_CASES = ('fake_data@16',)
 SMOKE_ACCUM = (1, 4)
+
+
+def compiled_memory_bytes(compiled):
+  """XLA's static estimate of one device's memory for a compiled program.
+
+  `argument + output + temp - alias`, or None where the backend does not
+  analyse memory.
+  """
+  try:
+    parts = memory_parts(compiled)
+  except (AttributeError, NotImplementedError, RuntimeError):
+    return None
+  return parts and parts['peak']
 
 
 def memory_parts(compiled):
   """`{argument, output, alias, temp, peak}` bytes of a compiled program."""
-  # pylint: disable-next=g-import-not-at-top
-  from benchmarks import throughput
   m = compiled.memory_analysis()
-  return {'argument': m.argument_size_in_bytes,
-          'output': m.output_size_in_bytes,
-          'alias': m.alias_size_in_bytes,
-          'temp': m.temp_size_in_bytes,
-          'peak': throughput.compiled_memory_bytes(compiled)}
+  if m is None:
+    return None
+  parts = {'argument': m.argument_size_in_bytes,
+           'output': m.output_size_in_bytes,
+           'alias': m.alias_size_in_bytes,
+           'temp': m.temp_size_in_bytes}
+  parts['peak'] = (parts['argument'] + parts['output'] + parts['temp'] -
+                   parts['alias'])
+  return parts
 
 
-def step_memory(config, num_classes, raw_size, *, compiler_options=None):
+def step_memory(config, *, compiler_options=None):
   """Compiles `config`'s train step for one device from abstract inputs.
 
   Returns:
@@ -63,37 +82,14 @@ def step_memory(config, num_classes, raw_size, *, compiler_options=None):
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  import jax.numpy as jnp
-  from benchmarks import throughput
-  from perceiver_jax import config_lib
-  from perceiver_jax.model import perceiver
+  from benchmarks import train_program
   from perceiver_jax.training import sharding as sharding_lib
-  from perceiver_jax.training import steps as steps_lib
   # pylint: enable=g-import-not-at-top
-  config_lib.validate(config)
-  mesh = sharding_lib.create_mesh(jax.devices()[:1])
-  sharding_lib.check_batch_size(
-      config.batch_size, mesh,
-      micro_batches=steps_lib.grad_accum_steps(config))
   start = time.perf_counter()
-  model = perceiver.create_model(config, num_classes)
-  state, shardings = steps_lib.abstract_train_state(
-      config, model,
-      (config.image_size, config.image_size, throughput.CHANNELS), mesh)
-  train_step, _ = steps_lib.jit_steps(config, throughput.STATS, mesh,
-                                      shardings)
-  rows = sharding_lib.data_sharding(mesh)
-  batch = {
-      'image': jax.ShapeDtypeStruct(
-          (config.batch_size, raw_size, raw_size, throughput.CHANNELS),
-          jnp.uint8, sharding=rows),
-      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
-                                    sharding=rows),
-  }
-  compiled = train_step.lower(state, batch, float(config.learning_rate)
-                              ).compile(compiler_options=compiler_options)
-  return dict(memory_parts(compiled),
-              compile_s=time.perf_counter() - start)
+  step = train_program.build(
+      config, sharding_lib.create_mesh(jax.devices()[:1]), abstract=True)
+  compiled, _ = train_program.compile_step(step, compiler_options)
+  return dict(memory_parts(compiled), compile_s=time.perf_counter() - start)
 
 
 def table(results):
@@ -120,7 +116,7 @@ def main(argv):
   # pylint: enable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--cases', default=','.join(DEFAULT_CASES),
-                      help='Comma-separated CONFIG:DTYPE:BATCH.')
+                      help=f'Comma-separated {cases_lib.SPELLING}.')
   parser.add_argument('--accum', default=','.join(map(str, DEFAULT_ACCUM)),
                       help='Comma-separated grad_accum_steps to compile.')
   parser.add_argument('--smoke', action='store_true',
@@ -128,34 +124,27 @@ def main(argv):
                       f'{",".join(map(str, SMOKE_ACCUM))}.')
   parser.add_argument('--json', default='', help='Also write results here.')
   args = parser.parse_args(argv)
-  cases = SMOKE_CASES if args.smoke else args.cases.split(',')
+  specs = SMOKE_CASES if args.smoke else args.cases.split(',')
   accums = SMOKE_ACCUM if args.smoke else [int(k) for k in
                                            args.accum.split(',')]
   device = jax.devices()[0]
   print(f'memory analysis on: 1 x {device.device_kind} ({device.platform}), '
         f'jax {jax.__version__}', flush=True)
   results = []
-  for case in cases:
-    path, dtype, batch = roofline.parse_case(case)
+  for case in map(cases_lib.parse_case, specs):
     for accum in accums:
-      config = roofline.load_config(path)
-      if dtype:
-        config.dtype = dtype
-      if batch:
-        config.batch_size = batch
+      config = case.config()
       if config.batch_size % accum:
-        print(f'{case} K={accum}: skipped, batch {config.batch_size} does '
-              'not split into that many micro-batches.')
+        print(f'{case.spec} K={accum}: skipped, batch {config.batch_size} '
+              'does not split into that many micro-batches.')
         continue
       config.grad_accum_steps = accum
-      num_classes, raw_size = roofline.data_shape(config)
       r = step_memory(
-          config, num_classes, raw_size,
-          compiler_options=roofline.compiler_options(device.platform))
-      r.update(case=case, batch=config.batch_size, accum=accum,
+          config, compiler_options=roofline.compiler_options(device.platform))
+      r.update(case=case.spec, batch=config.batch_size, accum=accum,
                dtype=config.get('dtype', 'float32'))
       results.append(r)
-      print(f"{case} K={accum}: peak {r['peak'] / 2**20:,.1f} MiB (temp "
+      print(f"{case.spec} K={accum}: peak {r['peak'] / 2**20:,.1f} MiB (temp "
             f"{r['temp'] / 2**20:,.1f}); compiled in {r['compile_s']:.0f} s",
             flush=True)
   print(table(results))

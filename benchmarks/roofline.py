@@ -1,11 +1,12 @@
 r"""A roofline on paper: the train step's predicted time on GPUs and TPUs.
 
   python benchmarks/roofline.py            # the table in BENCHMARKS.md
-  python benchmarks/roofline.py --cases=cifar100:float32:64 --top=10
+  python benchmarks/roofline.py --cases=cifar100@64+float32 --top=10
 
-Compiles each case's train step (the one `main.py` trains with) on the
-machine it runs on, reads XLA's cost analysis of the compiled program (FLOPs
-and bytes accessed) and predicts the step time on each accelerator of
+Compiles each case's train step (the one `main.py` trains with,
+`train_program.build`, from abstract inputs) on the machine it runs on,
+reads XLA's cost analysis of the compiled program (FLOPs and bytes
+accessed) and predicts the step time on each accelerator of
 `ACCELERATORS` from its published peak FLOP/s and memory bandwidth:
 
   time = max(flops / peak, bytes / bandwidth)
@@ -26,9 +27,9 @@ lists the N fusions that access the most bytes (parsed from the compiled
 HLO), to show where the traffic is. `benchmarks/device_check.py` makes the
 same prediction from the accelerator's own compile and measured peaks.
 
-Cases are `CONFIG:DTYPE:BATCH` (`CONFIG` a file under configs/ without
-`.py`, or a path; `DTYPE` or `BATCH` empty for the config's own). Imports
-neither tensorflow nor tfds.
+Cases are `CONFIG[:ARG][@BATCH][+DTYPE]` (benchmarks/cases.py: `CONFIG` a
+file under configs/ without `.py`, or a path; the config's own batch and
+dtype where left out). Imports neither tensorflow nor tfds.
 """
 
 import dataclasses
@@ -44,6 +45,7 @@ if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import cases as cases_lib
 from benchmarks import hlo_bytes
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -111,10 +113,10 @@ def predict(flops, num_bytes, peak, bandwidth):
 # --------------------------------------------------------------------------
 # Cases and the table.
 
-# The cases of BENCHMARKS.md's table: CONFIG:DTYPE:BATCH.
-DEFAULT_CASES = ('cifar100:float32:64', 'cifar100:bfloat16:64',
-                 'cifar100:float32:512', 'cifar100:bfloat16:512',
-                 'cifar100_fast::', 'imagenet_perceiver::16')
+# The cases of BENCHMARKS.md's table.
+DEFAULT_CASES = ('cifar100@64+float32', 'cifar100@64+bfloat16',
+                 'cifar100@512+float32', 'cifar100@512+bfloat16',
+                 'cifar100_fast', 'imagenet_perceiver@16')
 # Same HLO, quicker XLA:CPU code generation: LLVM's optimisation level does
 # not change the optimised HLO the cost analysis reads.
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
@@ -125,53 +127,7 @@ def compiler_options(platform):
   return FAST_COMPILE if platform == 'cpu' else None
 
 
-# Classes, and the side of the images as the host serves them, of the
-# datasets the configs name; images that vary in size are served at
-# config.image_size (the host crops or resizes them).
-DATASETS = {'cifar10': (10, 32), 'cifar100': (100, 32),
-            'imagenet2012': (1000, None)}
-
-
-def load_config(path, arg=None):
-  """`get_config([arg])` of a config file (imports `configs` from the root).
-
-  `arg` is what main.py's `--config=PATH:ARG` passes (e.g. 'test').
-  """
-  module = config_module(path)
-  return module.get_config() if arg is None else module.get_config(arg)
-
-
-def config_module(path):
-  """The config file's module, imported from its path."""
-  # pylint: disable-next=g-import-not-at-top
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      'config_' + os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def data_shape(config):
-  """`(num_classes, side of the served images)` of the config's dataset."""
-  classes, side = DATASETS.get(config.get('dataset', 'cifar100'),
-                               (1000, None))
-  return classes, side or config.image_size
-
-
-def parse_case(case):
-  """`(config path, dtype or None, batch or None)` of `CONFIG:DTYPE:BATCH`."""
-  parts = case.split(':')
-  if len(parts) != 3:
-    raise ValueError(f'A case is CONFIG:DTYPE:BATCH, got {case!r}.')
-  name, dtype, batch = parts
-  path = name if name.endswith('.py') else os.path.join(
-      _ROOT, 'configs', name + '.py')
-  return path, dtype or None, int(batch) if batch else None
-
-
-def step_cost(config, num_classes, raw_size, *, compiler_options=None,
-              top=0):
+def step_cost(config, *, compiler_options=None, top=0):
   """Compiles `config`'s train step here; its cost and byte ranking.
 
   Returns:
@@ -181,20 +137,17 @@ def step_cost(config, num_classes, raw_size, *, compiler_options=None,
   """
   # pylint: disable=g-import-not-at-top
   from benchmarks import flops as flops_lib
-  from benchmarks import throughput
+  from benchmarks import memory
+  from benchmarks import train_program
   # pylint: enable=g-import-not-at-top
   start = time.perf_counter()
-  setup = throughput.setup_train_step(config, num_classes)
-  batch = throughput.synthetic_batch(setup.mesh, config.batch_size,
-                                     num_classes, image_size=raw_size)
-  compiled = setup.train_step.lower(
-      setup.state, batch, float(config.learning_rate)).compile(
-          compiler_options=compiler_options)
-  result = flops_lib.xla_cost(compiled, setup.mesh.devices.size)
+  step = train_program.build(config, abstract=True)
+  compiled, _ = train_program.compile_step(step, compiler_options)
+  result = flops_lib.xla_cost(compiled, step.mesh.devices.size)
   result['model_flops'] = flops_lib.analytic_train_flops_per_step(
-      config, num_classes)
+      config, step.num_classes)
   # XLA's estimate of one device's memory for the step (here XLA:CPU's).
-  result['memory_bytes'] = throughput.compiled_memory_bytes(compiled)
+  result['memory_bytes'] = memory.compiled_memory_bytes(compiled)
   result['compile_s'] = time.perf_counter() - start
   rows = hlo_bytes.fusion_bytes(compiled.as_text()) if top else []
   result['by_category'] = hlo_bytes.bytes_by_category(rows)
@@ -239,7 +192,7 @@ def main(argv):
   # pylint: enable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--cases', default=','.join(DEFAULT_CASES),
-                      help='Comma-separated CONFIG:DTYPE:BATCH.')
+                      help=f'Comma-separated {cases_lib.SPELLING}.')
   parser.add_argument('--top', type=int, default=0,
                       help='List the N fusions that access the most bytes.')
   parser.add_argument('--json', default='', help='Also write results here.')
@@ -248,24 +201,18 @@ def main(argv):
   print(f'cost analysis on: {jax.device_count()} x {device.device_kind} '
         f'({device.platform}), jax {jax.__version__}')
   results = []
-  for case in args.cases.split(','):
-    path, dtype, batch = parse_case(case)
-    if not os.path.exists(path):
-      print(f'{case}: skipped, {os.path.relpath(path, _ROOT)} does not exist.')
+  for case in map(cases_lib.parse_case, args.cases.split(',')):
+    if not case.exists():
+      print(f'{case.spec}: skipped, {os.path.relpath(case.path, _ROOT)} does '
+            'not exist.')
       continue
-    config = load_config(path)
-    if dtype:
-      config.dtype = dtype
-    if batch:
-      config.batch_size = batch
-    num_classes, raw_size = data_shape(config)
-    r = step_cost(config, num_classes, raw_size,
-                  compiler_options=compiler_options(device.platform),
+    config = case.config()
+    r = step_cost(config, compiler_options=compiler_options(device.platform),
                   top=args.top)
-    r.update(case=case, batch=config.batch_size,
+    r.update(case=case.spec, batch=config.batch_size,
              dtype=config.get('dtype', 'float32'))
     results.append(r)
-    print(f"{case}: {r['flops'] / 1e9:,.1f} GFLOP (analytic matmuls "
+    print(f"{case.spec}: {r['flops'] / 1e9:,.1f} GFLOP (analytic matmuls "
           f"{r['model_flops'] / 1e9:,.1f}), {r['bytes'] / 1e9:,.2f} GB "
           f"accessed, memory estimate "
           f"{(r['memory_bytes'] or 0) / 2**30:,.1f} GiB; compiled in "

@@ -1,11 +1,12 @@
 """Compiled train steps of several configs on one mesh, timed.
 
-Used by device_check.py: programs with the same config compile once, every
-case starts from its architecture's initial train state (kept on the host,
-so donation cannot consume it), and each timing reports what the device
-check's table lists (images/s, MFU against the measured peak, XLA's cost
-and the roofline it predicts, memory, epoch times). `batch_sweep` doubles
-the batch while that pays.
+Used by device_check.py: programs with the same config compile once, each
+lowered from abstract inputs (`train_program`); every case starts from its
+architecture's initial train state (kept on the host, so donation cannot
+consume it), and each timing reports what the device check's table lists
+(images/s, MFU against the measured peak, XLA's cost and the roofline it
+predicts, memory, epoch times). `batch_sweep` doubles the batch while that
+pays.
 """
 
 import concurrent.futures
@@ -21,24 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flops as flops_lib
+from benchmarks import memory
 from benchmarks import roofline
 from benchmarks import throughput
+from benchmarks import train_program
 from perceiver_jax.model import compute as compute_lib
-from perceiver_jax.model import perceiver
-from perceiver_jax.training import recipe
 from perceiver_jax.training import sharding as sharding_lib
-from perceiver_jax.training import steps as steps_lib
 
 # One CIFAR-100 epoch of the seed: 90% of the 50,000 training images.
 EPOCH_IMAGES = 45_000
 # Epochs the Keras example trained before early stopping ended it.
 EPOCHS = 45
-
-def variant(config, **fields):
-  config = config.copy_and_resolve_references()
-  for name, value in fields.items():
-    config[name] = value
-  return config
 
 
 def architecture(config):
@@ -80,16 +74,18 @@ class Clock:
 
 @dataclasses.dataclass
 class Program:
-  """One config's train step, compiled for one batch."""
+  """One config's train step, compiled for one batch.
+
+  `step` is `train_program.build`'s, with the abstract state the program
+  was lowered for: its static fields (the model's apply function and the
+  optimiser) are the very objects every state passed to `compiled` must
+  carry.
+  """
   label: str
   config: object
-  num_classes: int
-  raw_size: int
+  step: object = None
   lowered: object = None
   compiled: object = None
-  # The step's static state fields, fixed at lowering: every state passed
-  # to the compiled step must carry these very objects.
-  static: object = None
   compile_s: float = 0.0
   error: str = ''
 
@@ -112,50 +108,43 @@ class Bench:
     self._programs = {}
 
   def initial_state(self, program):
-    """`(state, shardings)` on the devices, as `program`'s step expects.
+    """A fresh train state on the devices, as `program`'s step expects.
 
-    The first call for an architecture initialises it; every call returns
-    a fresh copy, with the program's model and optimiser attached.
+    The first call for an architecture initialises it (and keeps it on the
+    host); every call returns a copy with the program's model and
+    optimiser attached.
     """
-    config = program.config
-    key = architecture(config)
+    step = program.step
+    key = architecture(program.config)
     if key not in self._initial:
-      setup = throughput.setup_train_step(config, program.num_classes)
-      self._initial[key] = (jax.device_get(setup.state), setup.shardings)
-      del setup
-    host, shardings = self._initial[key]
-    if program.static is None:
-      program.static = dict(
-          apply_fn=perceiver.create_model(config, program.num_classes).apply,
-          tx=recipe.create_optimizer(config))
-    shardings = shardings.replace(**program.static)
-    state = jax.device_put(host.replace(**program.static), shardings)
-    return state, shardings
+      state, _ = train_program.train_state(program.config, step.model,
+                                           self.mesh)
+      self._initial[key] = jax.device_get(state)
+      del state
+    static = dict(apply_fn=step.state.apply_fn, tx=step.state.tx)
+    return jax.device_put(self._initial[key].replace(**static),
+                          step.shardings)
 
   def batch(self, program, seed=0):
-    return throughput.synthetic_batch(
-        self.mesh, program.config.batch_size, program.num_classes, seed=seed,
-        image_size=program.raw_size)
+    return train_program.synthetic_batch(program.step, seed)
 
   def programs(self, specs, deadline=None):
-    """Compiled `Program`s of `(label, config, num_classes, raw_size)`.
+    """Compiled `Program`s of `(label, config)`.
 
-    Lowered here one after the other, compiled `threads` at a time. A
-    program that fails to lower or compile carries its error; one not
-    started before `deadline` (perf_counter seconds) carries 'skipped'.
+    Lowered here one after the other, from abstract inputs, compiled
+    `threads` at a time. A program that fails to build, lower or compile
+    carries its error; one not started before `deadline` (perf_counter
+    seconds) carries 'skipped'.
     """
     out, todo = [], []
-    for label, config, num_classes, raw_size in specs:
+    for label, config in specs:
       key = json.dumps(config.to_dict(), sort_keys=True, default=str)
       if key not in self._programs:
-        program = Program(label, config, num_classes, raw_size)
+        program = Program(label, config)
         try:
-          state, shardings = self.initial_state(program)
-          train_step, _ = steps_lib.jit_steps(
-              config, throughput.STATS, self.mesh, shardings)
-          program.lowered = train_step.lower(
-              state, self.batch(program), float(config.learning_rate))
-          del state
+          program.step = train_program.build(config, self.mesh,
+                                             abstract=True)
+          program.lowered = train_program.lower(program.step)
           todo.append(program)
         except Exception as e:  # pylint: disable=broad-except
           program.error = short_error(e)
@@ -225,7 +214,7 @@ def time_program(bench, program, label, steps, warmup, peaks, bandwidth):
          'compile_s': program.compile_s}
   if program.error:
     return dict(row, note=program.error)
-  estimate = throughput.compiled_memory_bytes(program.compiled)
+  estimate = memory.compiled_memory_bytes(program.compiled)
   limit = (device.memory_stats() or {}).get('bytes_limit')
   row['xla_memory_bytes'] = estimate
   if estimate and limit and estimate > limit:
@@ -233,7 +222,7 @@ def time_program(bench, program, label, steps, warmup, peaks, bandwidth):
                 f' GiB > device limit {limit / 2**30:.1f} GiB', oom=True)
   before = throughput.peak_memory_bytes(device)
   try:
-    state, _ = bench.initial_state(program)
+    state = bench.initial_state(program)
     state, metrics, times, _ = throughput.time_steps(
         program.compiled, state, bench.batch(program),
         float(config.learning_rate), steps, warmup)
@@ -246,7 +235,7 @@ def time_program(bench, program, label, steps, warmup, peaks, bandwidth):
                 oom=oom)
   step_s = statistics.median(times)
   model_flops = flops_lib.analytic_train_flops_per_step(
-      config, program.num_classes)
+      config, program.step.num_classes)
   cost = flops_lib.xla_cost(program.compiled, len(bench.devices))
   peak = peaks[row['dtype'] if row['dtype'] in peaks else 'float32']
   predicted = roofline.predict(cost['flops'], cost['bytes'], peak, bandwidth)

@@ -5,10 +5,13 @@ r"""Training throughput and MFU of the jitted, sharded train step.
       --config.batch_size=16 --steps=7
 
 Times `steps.jit_steps`' train step (the one `main.py` trains with: on-device
-augmentation, LAMB, donated state) on synthetic uint8 CIFAR-shaped batches
-that already sit on the devices, so the number is the step alone: compilation
-and `--warmup` steps are excluded and the median of `--steps` timed steps is
-reported. The last line is machine-readable:
+augmentation, LAMB, donated state; built by `train_program.build`) on
+synthetic uint8 batches of the config's own data shape (its dataset's
+classes and served image size, `cases.data_shape`) that already sit on the
+devices, so the number is the step alone: compilation and `--warmup` steps
+are excluded and the median of `--steps` timed steps is reported.
+`--config=PATH:ARG` picks a config's variant, as for main.py. The last line
+is machine-readable:
 
   images_per_sec=<float> mfu=<float>
 
@@ -32,7 +35,6 @@ Importing this module (and the train-step mode) needs no tensorflow, which
 the GPU machines lack; only the host-pipeline mode imports it.
 """
 
-import collections
 import functools
 import os
 import statistics
@@ -54,20 +56,14 @@ from ml_collections import config_flags
 import numpy as np
 
 from benchmarks import flops
+from benchmarks import memory
 from benchmarks import timing
-from perceiver_jax.model import perceiver
+from benchmarks import train_program
 from perceiver_jax.training import host_memory
-from perceiver_jax.training import sharding as sharding_lib
 from perceiver_jax.training import steps as steps_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
-# CIFAR's raw images; the step resizes them to config.image_size.
-RAW_IMAGE_SIZE = 32
-CHANNELS = 3
-# Synthetic normalisation statistics (roughly CIFAR's); they change no cost.
-STATS = {'mean': np.full(CHANNELS, 120.0),
-         'variance': np.full(CHANNELS, 4000.0)}
 
 
 def _define_flags():
@@ -79,7 +75,6 @@ def _define_flags():
                     'What to time.')
   flags.DEFINE_integer('steps', 20, 'Timed steps; the median is reported.')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps run after compilation.')
-  flags.DEFINE_integer('num_classes', 100, 'Width of the logits.')
   flags.DEFINE_integer(
       'peak_matmul_size', 0, 'Side of the square matmul timed for the peak; '
       '0 picks 2048 on CPU and 8192 on accelerators.')
@@ -136,55 +131,8 @@ def peak_memory_bytes(device):
   return stats.get('peak_bytes_in_use')
 
 
-def compiled_memory_bytes(compiled):
-  """XLA's static estimate of one device's memory for a compiled program."""
-  try:
-    m = compiled.memory_analysis()
-  except (AttributeError, NotImplementedError, RuntimeError):
-    return None
-  if m is None:
-    return None
-  return (m.argument_size_in_bytes + m.output_size_in_bytes +
-          m.temp_size_in_bytes - m.alias_size_in_bytes)
-
-
-def synthetic_batch(mesh, batch_size, num_classes, seed=0,
-                    image_size=RAW_IMAGE_SIZE):
-  """A global batch of random uint8 images and labels placed on `mesh`.
-
-  `image_size`: the side of the images as the host serves them (CIFAR's
-  32; the step resizes them to `config.image_size`).
-  """
-  local = batch_size // jax.process_count()
-  rng = np.random.default_rng(seed + jax.process_index())
-  batch = {
-      'image': rng.integers(0, 256, (local, image_size, image_size,
-                                     CHANNELS), dtype=np.uint8),
-      'label': rng.integers(0, num_classes, (local,), dtype=np.int32),
-  }
-  return sharding_lib.global_batch(mesh, batch)
-
-
 def _gib(num_bytes):
   return 'n/a' if num_bytes is None else f'{num_bytes / 2**30:.2f} GiB'
-
-
-TrainStep = collections.namedtuple(
-    'TrainStep', 'mesh model state shardings train_step')
-
-
-def setup_train_step(config, num_classes):
-  """`main.py`'s jitted train step over every device, and its initial state."""
-  mesh = sharding_lib.create_mesh()
-  sharding_lib.check_batch_size(
-      config.batch_size, mesh,
-      micro_batches=steps_lib.grad_accum_steps(config))
-  model = perceiver.create_model(config, num_classes)
-  image_shape = (config.image_size, config.image_size, CHANNELS)
-  state, shardings = steps_lib.create_train_state(config, model, image_shape,
-                                                  mesh)
-  train_step, _ = steps_lib.jit_steps(config, STATS, mesh, shardings)
-  return TrainStep(mesh, model, state, shardings, train_step)
 
 
 def time_steps(step, state, batch, learning_rate, steps, warmup):
@@ -212,23 +160,21 @@ def time_steps(step, state, batch, learning_rate, steps, warmup):
 # Modes.
 
 
-def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
-                         peak_matmul_size=0, log=print):
+def benchmark_train_step(config, *, steps=20, warmup=2, peak_matmul_size=0,
+                         log=print):
   """Times the train step; returns a dict of results (see the module doc)."""
   if steps < 1 or warmup < 0:
     raise ValueError(f'Need steps >= 1 and warmup >= 0, got {steps}, '
                      f'{warmup}.')
-  mesh, model, state, _, train_step = setup_train_step(config, num_classes)
-  devices = list(mesh.devices.flat)
+  step = train_program.build(config)
+  num_classes = step.num_classes
+  devices = list(step.mesh.devices.flat)
   device = devices[0]
-  batch = synthetic_batch(mesh, config.batch_size, num_classes)
+  batch = train_program.synthetic_batch(step)
   lr = float(config.learning_rate)
-
-  start = time.perf_counter()
-  compiled = train_step.lower(state, batch, lr).compile()
-  compile_s = time.perf_counter() - start
-  state, metrics, times, cpu_times = time_steps(compiled, state, batch, lr,
-                                                steps, warmup)
+  compiled, compile_s = train_program.compile_step(step, batch=batch)
+  state, metrics, times, cpu_times = time_steps(compiled, step.state, batch,
+                                                lr, steps, warmup)
   loss = float(metrics['loss']) / float(metrics['count'])
   if not np.isfinite(loss):
     raise FloatingPointError(f'Non-finite training loss {loss}.')
@@ -238,7 +184,7 @@ def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
   per_example = flops.analytic_flops_per_example(config, num_classes)
   model_flops = 3 * config.batch_size * per_example['total']
   factored_flops = 3 * config.batch_size * per_example['factored_total']
-  folded = model.latent_attention_folded(config.batch_size)
+  folded = step.model.latent_attention_folded(config.batch_size)
   compiled_flops = flops.xla_cost(compiled, len(devices))['flops']
   achieved = model_flops / step_s
   dtype = jnp.dtype(config.get('dtype', 'float32'))
@@ -253,12 +199,13 @@ def benchmark_train_step(config, *, num_classes=100, steps=20, warmup=2,
       factored_flops_per_step=factored_flops, folded=folded,
       achieved_flops=achieved, peak_flops=peak, mfu=mfu,
       peak_memory_bytes=peak_memory_bytes(device),
-      compiled_memory_bytes=compiled_memory_bytes(compiled))
+      compiled_memory_bytes=memory.compiled_memory_bytes(compiled))
 
   log(f'devices: {len(devices)} x {device.device_kind} ({device.platform}), '
       f'{jax.process_count()} process(es); XLA_FLAGS='
       f'{os.environ.get("XLA_FLAGS", "")!r}')
-  log(f'config: batch {config.batch_size}, dtype {dtype.name}, '
+  log(f'config: batch {config.batch_size}, dtype {dtype.name}, data '
+      f'{step.raw_size}x{step.raw_size} px, {num_classes} classes, '
       f'attention_impl {config.get("attention_impl", "xla")}, '
       f'attention_form {config.get("attention_form", "auto")}, dropout_bits '
       f'{config.get("dropout_bits", "hash")}, remat '
@@ -307,10 +254,14 @@ def benchmark_host_pipeline(config, *, steps=20, warmup=2, log=print):
   spe = pipeline.steps_per_epoch
   stats = pipeline.normalization_stats()
 
+  served = []  # The side of the images the host serves.
+
   def batches():
     i = 0
     while True:
-      yield pipeline.train_batch(i // spe, i % spe)
+      batch = pipeline.train_batch(i // spe, i % spe)
+      served[:] = [batch['image'].shape[1]]
+      yield batch
       i += 1
 
   source = batches()
@@ -339,7 +290,7 @@ def benchmark_host_pipeline(config, *, steps=20, warmup=2, log=print):
         times.append(time.perf_counter() - start)
   augmented = config.batch_size / statistics.median(times)
   log(f'host: {cores} CPU cores available; batch {config.batch_size}, '
-      f'{RAW_IMAGE_SIZE}->{config.image_size} px')
+      f'{served[0]}->{config.image_size} px')
   log(f'batches (uint8 gather): {gather:.0f} images/s, '
       f'{gather / cores:.0f} per core')
   log(f'batches + augmentation on the host CPU: {augmented:.0f} images/s, '
@@ -359,8 +310,7 @@ def main(argv):
     benchmark_host_pipeline(FLAGS.config, steps=FLAGS.steps,
                             warmup=FLAGS.warmup)
   else:
-    benchmark_train_step(FLAGS.config, num_classes=FLAGS.num_classes,
-                         steps=FLAGS.steps, warmup=FLAGS.warmup,
+    benchmark_train_step(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup,
                          peak_matmul_size=FLAGS.peak_matmul_size)
 
 

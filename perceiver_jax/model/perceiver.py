@@ -248,23 +248,44 @@ class Perceiver(nn.Module):
       return self.preprocessor_channels + fourier
     return self.patch_size**2 * channels + fourier
 
+  def attention_shapes(self, channels=3):
+    """Per-example shapes of the attention calls, as the modules make them.
+
+    Each is `(q_length, kv_length, d_q, d_kv, d_out, num_heads, head_dim)`,
+    what `folded.saves_flops` takes after the batch, under 'cross' (the
+    encoder's cross-attention; the seed's, `num_cross_heads=0`, is one head
+    of the latents' width without an output projection: `d_out=0`),
+    'latent' (each self-attention of the latent Transformer) and, unless
+    the decoder is 'mean', 'decoder'.
+    """
+    d, n = self.projection_dim, self.latent_dim
+    width, heads = self.data_width(channels), max(self.num_cross_heads, 1)
+    head_width = d if self.cross_attention_width == 'latent' else width
+    shapes = {
+        'cross': (n, self.num_patches, d, width,
+                  d if self.num_cross_heads else 0, heads,
+                  head_width // heads),
+        'latent': (n, n, d, d, d, self.num_heads, self.latent_head_dim)}
+    if self.decoder != 'mean':  # 'query': the cross-attention's heads.
+      heads = heads if self.decoder == 'query' else 1
+      shapes['decoder'] = (1, n, d, d, d, heads, d // heads)
+    return shapes
+
+  def attention_folded(self, kind, batch_size, channels=3):
+    """Whether attention `kind` (see `attention_shapes`) runs folded."""
+    if kind == 'cross' and not self.num_cross_heads:
+      return False  # The seed's single head has no folded form.
+    return folded_lib.uses_folded_form(
+        self.compute.attention_form, batch_size,
+        *self.attention_shapes(channels)[kind])
+
   def latent_attention_folded(self, batch_size):
     """Whether the latent self-attention runs folded at `batch_size`."""
-    d = self.projection_dim
-    return folded_lib.uses_folded_form(
-        self.compute.attention_form, batch_size, self.latent_dim,
-        self.latent_dim, d, d, d, self.num_heads, self.latent_head_dim)
+    return self.attention_folded('latent', batch_size)
 
   def cross_attention_folded(self, batch_size, channels):
     """Whether the cross-attention runs folded (the seed's never does)."""
-    if not self.num_cross_heads:
-      return False
-    d, width = self.projection_dim, self.data_width(channels)
-    heads = self.num_cross_heads
-    return folded_lib.uses_folded_form(
-        self.compute.attention_form, batch_size, self.latent_dim,
-        self.num_patches, d, width, d, heads,
-        (d if self.cross_attention_width == 'latent' else width) // heads)
+    return self.attention_folded('cross', batch_size, channels)
 
   @nn.compact
   def __call__(self, images, train: bool):

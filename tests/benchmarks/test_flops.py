@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import flops
 from perceiver_jax import create_model
+from tests.support import ROOT
 
 # Same HLO, quicker XLA:CPU code generation; the FLOP count does not change.
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
@@ -184,3 +185,54 @@ def test_analytic_flops_of_a_paper_like_model_match_xla():
   """
   ratio = _xla_over_analytic(_paper_like(), 10, image_size=32)
   assert 1.0 <= ratio <= 1.06, ratio
+
+
+def _attention_calls(config, num_classes):
+  """The shapes of every attention call the model makes, as `attention_shapes`
+  spells them, and whether each ran folded, from one traced forward pass."""
+  # pylint: disable-next=g-import-not-at-top
+  from perceiver_jax.model import attention as attention_lib
+  model = create_model(config, num_classes)
+  calls = set()
+  folded = attention_lib.MultiHeadAttention.folded
+
+  def record(self, inputs_q, inputs_kv):
+    out = folded(self, inputs_q, inputs_kv)
+    calls.add((inputs_q.shape[1], inputs_kv.shape[1], inputs_q.shape[-1],
+               inputs_kv.shape[-1], inputs_q.shape[-1], self.num_heads,
+               self.head_dim, bool(out)))
+    return out
+
+  def record_seed(self, latents, data, *, deterministic):
+    calls.add((latents.shape[1], data.shape[1], latents.shape[-1],
+               data.shape[-1], 0, 1, self.features, False))
+    return seed_call(self, latents, data, deterministic=deterministic)
+
+  seed_call = attention_lib.CrossAttention.__call__
+  images = jnp.zeros((config.batch_size, config.image_size,
+                      config.image_size, 3))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(attention_lib.MultiHeadAttention, 'folded', record)
+    patch.setattr(attention_lib.CrossAttention, '__call__', record_seed)
+    jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
+  return model, calls
+
+
+@pytest.mark.parametrize('name, arg, classes', [
+    ('cifar100', None, 100), ('imagenet_perceiver', 'test', 1000),
+    ('imagenet_perceiver_io', 'test', 1000),
+    ('imagenet_perceiver_io', 'learned', 1000)])
+def test_attention_shapes_are_the_modules_own(name, arg, classes):
+  """flops.py counts the attention shapes and forms the model reports; they
+  are those its modules call (and decide the form at), at the config's
+  batch: the seed's folded latent heads, the paper's folded cross-attention
+  and Perceiver IO's decoder."""
+  # pylint: disable-next=g-import-not-at-top
+  from benchmarks import cases
+  config = cases.load_config(f'{ROOT}/configs/{name}.py', arg)
+  config.batch_size = min(config.batch_size, 64)
+  model, calls = _attention_calls(config, classes)
+  shapes = model.attention_shapes()
+  assert calls == {
+      shape + (model.attention_folded(kind, config.batch_size),)
+      for kind, shape in shapes.items()}, (shapes, calls)

@@ -15,11 +15,11 @@ def test_smoke_run(tmp_path, capsys):
   printed = capsys.readouterr().out
   results = json.loads(out.read_text())
   assert [(r['case'], r['batch'], r['accum']) for r in results] == [
-      ('fake_data::16', 16, 1), ('fake_data::16', 16, 4)]
+      ('fake_data@16', 16, 1), ('fake_data@16', 16, 4)]
   for r in results:
     assert r['peak'] == r['argument'] + r['output'] + r['temp'] - r['alias']
     assert r['alias'] > 0  # The donated state.
-    assert f"| fake_data::16 | 16 | float32 | {r['accum']} | " in printed
+    assert f"| fake_data@16 | 16 | float32 | {r['accum']} | " in printed
   one, four = results
   # The same state and batch, fewer activations alive at once.
   assert four['argument'] == one['argument']

@@ -39,19 +39,19 @@ def test_cli_on_a_tiny_config(tmp_path, capsys):
   """One compile of the fake-data step: its cost, the table's arithmetic."""
   out = tmp_path / 'roofline.json'
   with jax.default_prng_impl('rbg'):  # Quicker to compile than threefry.
-    roofline.main(['--cases=fake_data:bfloat16:16,no_such_config::',
+    roofline.main(['--cases=fake_data@16+bfloat16,no_such_config',
                    f'--json={out}', '--top=3'])
   printed = capsys.readouterr().out
-  assert 'no_such_config::: skipped' in printed
+  assert 'no_such_config: skipped' in printed
   (result,) = json.loads(out.read_text())
   assert (result['case'], result['batch'], result['dtype']) == (
-      'fake_data:bfloat16:16', 16, 'bfloat16')
+      'fake_data@16+bfloat16', 16, 'bfloat16')
   # XLA counts every matmul the analytic count has, plus elementwise work
   # (in this tiny model most of it: augmentation, LAMB, softmax).
   assert result['flops'] > result['model_flops'] > 0
   assert result['bytes'] > 0 and len(result['fusions']) == 3
   (row,) = [line for line in printed.splitlines()
-            if line.startswith('| fake_data:bfloat16:16 |')]
+            if line.startswith('| fake_data@16+bfloat16 |')]
   assert row.endswith('| not yet measured |')
 
 

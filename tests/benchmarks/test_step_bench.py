@@ -37,3 +37,34 @@ def test_batch_sweep_stops_where_it_should():
       128, 'largest batch (--sweep_max) reached')
   assert _sweep({}, out_of_time=lambda: True)[:3] == (
       [], None, 'out of time')
+
+
+def test_initial_state_builds_no_train_step(monkeypatch):
+  """A fresh state on the devices, carrying the lowered program's very model
+  and optimiser, made without building (and discarding) a train step."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from benchmarks import cases
+  from benchmarks import train_program
+  from perceiver_jax.training import steps as steps_lib
+  # pylint: enable=g-import-not-at-top
+  bench = step_bench.Bench(None, 1, log=lambda line: None)
+  config = cases.parse_case('fake_data@8').config()
+  program = step_bench.Program(
+      'fake_data', config,
+      step=train_program.build(config, bench.mesh, abstract=True))
+  built = []
+  monkeypatch.setattr(steps_lib, 'jit_steps',
+                      lambda *args: built.append(args))
+  first, second = (bench.initial_state(program) for _ in range(2))
+  assert not built
+  for state in (first, second):
+    assert state.apply_fn is program.step.state.apply_fn
+    assert state.tx is program.step.state.tx
+    assert jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), state) == (
+        jax.tree.map(lambda x, s: (x.shape, x.dtype, s), program.step.state,
+                     program.step.shardings))
+  # Two copies of one initial state: donating one leaves the other.
+  assert first.params is not second.params
+  assert all(jax.numpy.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(first.params), jax.tree.leaves(second.params)))
