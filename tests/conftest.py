@@ -8,10 +8,17 @@ import tempfile
 
 import pytest
 
-# Must happen before jax is imported anywhere.
+# Must happen before jax is imported anywhere. The tests check numbers, not
+# speed, on tiny models, where compiling is most of the time: XLA's backend
+# optimisations off compile about a third faster. The processes the tests
+# start (tests/support.py, the workers) take the same flags, so their
+# numbers compare bit for bit with this process's.
+os.environ.setdefault('PERCEIVER_TEST_XLA_FLAGS',
+                      '--xla_backend_optimization_level=0')
 os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''),
-     '--xla_force_host_platform_device_count=8'])
+     '--xla_force_host_platform_device_count=8',
+     os.environ['PERCEIVER_TEST_XLA_FLAGS']])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 

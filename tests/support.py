@@ -12,7 +12,8 @@ def subprocess_env(devices):
   and the session's persistent compilation cache (tests/conftest.py), since
   many such processes compile the same programs."""
   env = dict(os.environ)
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+             + env.get('PERCEIVER_TEST_XLA_FLAGS', ''),
              JAX_COMPILATION_CACHE_DIR=os.environ['PERCEIVER_TEST_JAX_CACHE'],
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')

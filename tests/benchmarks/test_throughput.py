@@ -30,8 +30,6 @@ def test_cli_smoke_run_without_tensorflow():
   code = ("import runpy, sys; sys.modules['tensorflow'] = None; "
           "runpy.run_path('benchmarks/throughput.py', run_name='__main__')")
   env = dict(os.environ, JAX_DEFAULT_PRNG_IMPL='rbg')  # Quicker to compile.
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      ' --xla_backend_optimization_level=0')
   result = subprocess.run(
       [sys.executable, '-c', code, '--config=configs/fake_data.py',
        '--config.num_iterations=1', '--steps=1', '--warmup=0',

@@ -15,7 +15,8 @@ import sys
 def main(workdir, out, num_processes, process_id, port, devices,
          overrides='{}'):
   os.environ['XLA_FLAGS'] = (
-      f'--xla_force_host_platform_device_count={int(devices)}')
+      f'--xla_force_host_platform_device_count={int(devices)} '
+      + os.environ.get('PERCEIVER_TEST_XLA_FLAGS', ''))
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__)))))
   # pylint: disable=g-import-not-at-top

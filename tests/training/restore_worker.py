@@ -43,7 +43,8 @@ SCENARIOS = {
 
 
 def main(directory, out, process_id, port):
-  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=1 '
+                             + os.environ.get('PERCEIVER_TEST_XLA_FLAGS', ''))
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__)))))
   # pylint: disable=g-import-not-at-top

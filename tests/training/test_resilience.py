@@ -246,8 +246,8 @@ def _consumed(record):
 
 def test_run_resumed_on_another_slice_reads_on_exactly(tmp_path):
   """1.5 epochs on 2 devices, then resumed on 4: step for step the examples
-  of an uninterrupted 4-device run. A new global batch size is refused in
-  mid-epoch and taken at an epoch end."""
+  of an uninterrupted 4-device run. A new global batch size is taken at an
+  epoch end (its refusal mid-epoch: test_resume.py)."""
   # 64 mock training examples, batch 8: 8 steps per epoch; killed after
   # step 12.
   flags = ('--config.num_epochs=2', '--config.batch_size=8')
@@ -263,12 +263,6 @@ def test_run_resumed_on_another_slice_reads_on_exactly(tmp_path):
   killed = _run(workdir, fault='kill_after_step@12', extra=flags, devices=2,
                 record=record)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
-  refused = _run(workdir, extra=flags + ('--config.batch_size=16',),
-                 devices=4)
-  assert refused.returncode == 1, refused.stderr[-4000:]
-  assert ('(step 12) is in the middle of epoch 2, trained with batch_size=8'
-          in refused.stderr)
-  assert 'Traceback' not in refused.stderr
   resumed = _run(workdir, extra=flags, devices=4, record=record)
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   assert 'Resuming from step 12 ' in resumed.stderr
