@@ -136,3 +136,16 @@ def data_shape(config):
   classes, side = DATASETS.get(config.get('dataset', 'cifar100'),
                                (1000, None))
   return classes, side or config.image_size
+
+
+def input_errors_as_paragraphs(main):
+  """`main`, printing a bad case or config as main.py does: one paragraph,
+  no traceback, exit status 1. Any other error keeps its traceback."""
+
+  def run(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except errors.InputError as e:
+      raise SystemExit(f'Error: {e}') from None
+
+  return run

@@ -328,4 +328,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(cases.input_errors_as_paragraphs(main))

@@ -229,4 +229,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cases_lib.input_errors_as_paragraphs(main)(sys.argv[1:])

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from benchmarks import cases
 from benchmarks import flops
 from benchmarks import memory
 from benchmarks import timing
@@ -316,4 +317,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(cases.input_errors_as_paragraphs(main))

@@ -62,3 +62,19 @@ def test_data_shape():
   assert cases.data_shape(config) == (1000, 224)
   config.dataset = 'cifar100'
   assert cases.data_shape(config) == (100, 32)
+
+
+def test_a_bad_case_is_one_paragraph_and_status_1():
+  def main(argv):
+    cases.parse_case(argv[0])
+
+  with pytest.raises(SystemExit) as e:
+    cases.input_errors_as_paragraphs(main)(['cifar100@0'])
+  assert str(e.value.code).startswith(
+      "Error: Benchmark case 'cifar100@0': BATCH must be a positive integer")
+
+  def bug(argv):
+    raise KeyError(argv[0])
+
+  with pytest.raises(KeyError):  # A bug keeps its traceback.
+    cases.input_errors_as_paragraphs(bug)(['x'])
