@@ -4,6 +4,8 @@ Every problem is reported at once, each naming the field and how to fix it,
 so a typo on the command line costs seconds rather than a compile.
 """
 
+import json
+
 from perceiver_jax import checks
 from perceiver_jax import errors
 
@@ -27,6 +29,62 @@ RENAMED_FIELDS = {'dropout_rng': 'dropout_bits'}
 def upgrade(saved):
   """A saved config dict with fields of earlier versions renamed."""
   return {RENAMED_FIELDS.get(k, k): v for k, v in saved.items()}
+
+
+def _flatten(tree, prefix=''):
+  """`{'a.b': leaf}` of a nested dict."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _as_json(tree):
+  """`tree` as config.json holds it: plain dicts, lists for tuples."""
+  if hasattr(tree, 'to_dict'):
+    tree = tree.to_dict()
+  return json.loads(json.dumps(tree))
+
+
+def differences(old, new, *, keep=None, defaults=None):
+  """'name: old -> new' for each field where two config dicts differ.
+
+  Nested dicts are compared leaf by leaf (`name` is dotted, e.g.
+  `plateau.patience`) and tuples equal lists, as config.json saves them.
+  A field one side lacks counts as its entry in `defaults` (for a config
+  saved before the field existed), shown `<unset: default d>`; without one
+  it is `<unset>` and differs from any value.
+
+  Args:
+    old: the recorded config dict (or ConfigDict).
+    new: the current one.
+    keep: optional predicate on a (dotted) name: only those fields compare.
+    defaults: optional `{name: default}` of fields a config may lack.
+
+  Returns:
+    The sorted list of 'name: old -> new' lines.
+  """
+  old, new = _flatten(_as_json(old)), _flatten(_as_json(new))
+  defaults = _as_json(defaults or {})
+  unset = object()
+
+  def value(flat, name):
+    return flat[name] if name in flat else defaults.get(name, unset)
+
+  def shown(flat, name):
+    if name in flat:
+      return repr(flat[name])
+    if name in defaults:
+      return f'<unset: default {defaults[name]!r}>'
+    return '<unset>'
+
+  return [f'{name}: {shown(old, name)} -> {shown(new, name)}'
+          for name in sorted(set(old) | set(new))
+          if (keep is None or keep(name))
+          and not value(old, name) == value(new, name) is not unset]
 
 
 def _sources():

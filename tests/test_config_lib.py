@@ -97,3 +97,24 @@ def test_configs_without_kernel_choices_get_the_defaults():
   del config['attention_form']
   del config['dropout_bits']
   assert config_lib.config_problems(config) == []
+
+
+def test_differences_name_each_differing_leaf():
+  old = {'a': 1, 'ffn_units': [256, 256], 'plateau': {'patience': 3},
+         'same': 'x', 'gone': 2}
+  new = {'a': 2, 'ffn_units': (256, 256), 'plateau': {'patience': 5},
+         'same': 'x', 'fresh': 'y'}
+  assert config_lib.differences(old, new) == [
+      "a: 1 -> 2", "fresh: <unset> -> 'y'", 'gone: 2 -> <unset>',
+      'plateau.patience: 3 -> 5']
+  assert config_lib.differences(old, new, keep=lambda n: n != 'a') == [
+      "fresh: <unset> -> 'y'", 'gone: 2 -> <unset>',
+      'plateau.patience: 3 -> 5']
+
+
+def test_differences_count_a_missing_field_as_its_default():
+  assert config_lib.differences({}, {'remat': False},
+                                defaults={'remat': False}) == []
+  assert config_lib.differences({}, {'remat': True},
+                                defaults={'remat': False}) == [
+                                    'remat: <unset: default False> -> True']

@@ -53,18 +53,6 @@ def data_source(config, pipeline):
   return source
 
 
-def _differences(recorded, current, prefix=''):
-  """'key: recorded -> current' for every leaf where the two differ."""
-  lines = []
-  for key in sorted(set(recorded) | set(current)):
-    a, b = recorded.get(key, '<unset>'), current.get(key, '<unset>')
-    if isinstance(a, dict) and isinstance(b, dict):
-      lines += _differences(a, b, f'{prefix}{key}.')
-    elif a != b:
-      lines.append(f'{prefix}{key}: {a!r} -> {b!r}')
-  return lines
-
-
 _REUSE, _COMPUTE, _REFUSE = 0, 1, 2
 
 
@@ -95,7 +83,7 @@ def normalization_stats(workdir, config, pipeline, has_checkpoints):
   elif 'source' not in saved:  # Written before sources were recorded.
     action = _REUSE if has_checkpoints else _COMPUTE
   else:
-    differences = _differences(saved['source'], source)
+    differences = config_lib.differences(saved['source'], source)
     other_data = [d for d in differences if not d.startswith(_ORIGIN)]
     action = (_REUSE if not differences else
               _COMPUTE if not has_checkpoints else

@@ -48,17 +48,13 @@ FREE_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'logits_dropout',
 
 
 def _model_differences(saved, config):
+  """'name: there -> here' for each model field fine-tuning may not change."""
+  fields = set(perceiver.RULES) - set(FREE_FIELDS)
   defaults = perceiver.OPTION_DEFAULTS
-  lines = []
-  for name in sorted(set(perceiver.RULES) - set(FREE_FIELDS)):
-    old = saved.get(name, defaults.get(name))
-    new = config.get(name, defaults.get(name))
-    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
-      old, new = list(old), list(new)
-    if old != new and not resolution.model_fields_match(
-        name, saved, config, defaults):
-      lines.append(f'{name}: {old!r} -> {new!r}')
-  return lines
+  return config_lib.differences(
+      saved, config, defaults=defaults,
+      keep=lambda name: name in fields and not resolution.model_fields_match(
+          name, saved, config, defaults))
 
 
 def statistics_origin(config):
