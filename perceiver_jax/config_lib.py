@@ -4,6 +4,7 @@ Every problem is reported at once, each naming the field and how to fix it,
 so a typo on the command line costs seconds rather than a compile.
 """
 
+import functools
 import json
 
 from perceiver_jax import checks
@@ -114,7 +115,7 @@ def _sources():
   return [
       (dict(perceiver.RULES, dtype=perceiver.DTYPE_RULE),
        perceiver.OPTION_DEFAULTS, perceiver.problems),
-      (compute.RULES, compute.CONFIG_DEFAULTS, none),
+      (compute.RULES, compute.OPTION_DEFAULTS, none),
       (recipe.RULES, recipe.OPTION_DEFAULTS, recipe.problems),
       (splits.RULES, splits.OPTION_DEFAULTS, splits.problems),
       (storage.RULES, storage.OPTION_DEFAULTS, storage.problems),
@@ -126,16 +127,36 @@ def _sources():
       (sharding.RULES, {}, none),
       (steps.RULES, steps.OPTION_DEFAULTS, steps.problems),
       (transfer.RULES, transfer.OPTION_DEFAULTS, none),
-      (profiling.RULES, profiling.CONFIG_DEFAULTS, none),
+      (profiling.RULES, profiling.OPTION_DEFAULTS, none),
   ]
 
 
-def added_field_defaults():
-  """`{field: default}` of the fields a config may lack (see `_sources`)."""
+@functools.cache
+def _defaults():
   defaults = {}
   for _, more, _ in _sources():
     defaults.update(more)
   return defaults
+
+
+def added_field_defaults():
+  """`{field: default}` of the fields a config may lack (see `_sources`)."""
+  return dict(_defaults())
+
+
+def option(config, name):
+  """`config[name]`, or its default when the config predates the field.
+
+  `config` is a ConfigDict or a (saved) config dict. Every module's defaults
+  count (`_sources`); asking for a field none declares is a bug.
+
+  Raises:
+    KeyError: no module declares a default for `name`.
+  """
+  defaults = _defaults()
+  if name not in defaults:
+    raise KeyError(name)
+  return config[name] if name in config else defaults[name]
 
 
 def _lookup(config, name):

@@ -118,3 +118,19 @@ def test_differences_count_a_missing_field_as_its_default():
   assert config_lib.differences({}, {'remat': True},
                                 defaults={'remat': False}) == [
                                     'remat: <unset: default False> -> True']
+
+
+def test_option_is_the_field_or_its_registered_default():
+  config = cifar100.get_config()
+  config.grad_accum_steps = 4
+  assert config_lib.option(config, 'grad_accum_steps') == 4
+  del config['grad_accum_steps']
+  del config['host_crop']
+  assert config_lib.option(config, 'grad_accum_steps') == 1  # steps.py's
+  assert config_lib.option(config, 'host_crop') == 'none'  # host_transforms'
+  assert config_lib.option({}, 'profile_steps') == ()  # profiling.py's
+  assert config_lib.option({'attention_form': 'folded'},
+                           'attention_form') == 'folded'
+  with pytest.raises(KeyError, match='latent_dim'):
+    config_lib.option(config, 'latent_dim')  # Every config has it.
+

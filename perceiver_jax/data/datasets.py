@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow_datasets as tfds
 
+from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.data import host_transforms
 
@@ -84,7 +85,7 @@ def dataset_info(data_builder, config):
   height, width, channels = image.shape
   variable = height is None or width is None
   height, width = host_transforms.served_size(
-      config.get('host_crop', host_transforms.OPTION_DEFAULTS['host_crop']),
+      config_lib.option(config, 'host_crop'),
       height, width, config.image_size)
   return DatasetInfo(
       name=data_builder.name, height=height, width=width, channels=channels,

@@ -23,7 +23,6 @@ from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.data import augment
 from perceiver_jax.data import datasets
-from perceiver_jax.data import host_transforms
 from perceiver_jax.model import perceiver
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import recipe
@@ -169,8 +168,7 @@ class TrainedModel:
         and images.dtype == np.uint8):
       return images
     height, width, channels = self.input_shape
-    crop = self.config.get('host_crop',
-                           host_transforms.OPTION_DEFAULTS['host_crop'])
+    crop = config_lib.option(self.config, 'host_crop')
     if crop == 'inception':
       view = ('their evaluation view (the shorter side resized to '
               'image_size / eval_crop_fraction, the centre square)')

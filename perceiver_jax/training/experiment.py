@@ -17,9 +17,7 @@ from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.data import datasets
 from perceiver_jax.data import input_pipeline
-from perceiver_jax.data import host_transforms
 from perceiver_jax.data import splits as splits_lib
-from perceiver_jax.data import storage
 from perceiver_jax.model import perceiver
 from perceiver_jax.training import callbacks
 from perceiver_jax.training import checkpointing
@@ -44,11 +42,10 @@ def data_source(config, pipeline):
                              for s in splits_lib.SPLITS}}
   # Recorded when not the default, so sources recorded before these
   # options existed still match.
-  for module, name in ((host_transforms, 'host_crop'),
-                       (host_transforms, 'eval_crop_fraction'),
-                       (storage, 'normalization_examples')):
-    value = config.get(name, module.OPTION_DEFAULTS[name])
-    if value != module.OPTION_DEFAULTS[name]:
+  defaults = config_lib.added_field_defaults()
+  for name in ('host_crop', 'eval_crop_fraction', 'normalization_examples'):
+    value = config_lib.option(config, name)
+    if value != defaults[name]:
       source[name] = value
   return source
 

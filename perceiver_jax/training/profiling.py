@@ -43,6 +43,7 @@ import logging
 import jax
 
 from perceiver_jax import checks
+from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.training import workdir as workdir_lib
 
@@ -71,12 +72,12 @@ RULES = {
         '1 compiles) and count >= 0 (0: off)', (10, 5)),
 }
 # Configs saved before profiling existed lack the field: off.
-CONFIG_DEFAULTS = {'profile_steps': ()}
+OPTION_DEFAULTS = {'profile_steps': ()}
 
 
 def window(config):
   """`(first, last)` steps to trace, both included, or None when off."""
-  steps = tuple(config.get('profile_steps', CONFIG_DEFAULTS['profile_steps']))
+  steps = tuple(config_lib.option(config, 'profile_steps'))
   if not steps or not steps[1]:
     return None
   return steps[0], steps[0] + steps[1] - 1

@@ -31,7 +31,6 @@ import numpy as np
 
 from perceiver_jax import config_lib
 from perceiver_jax.training import callbacks
-from perceiver_jax.training import recipe
 from perceiver_jax.training import workdir as workdir_lib
 
 # Fields that may change when a run resumes: they steer training, logging or
@@ -175,7 +174,7 @@ def adopt_config(state, meta, config, saved):
   trained_lr = meta.get('config_learning_rate',
                         (saved or {}).get('learning_rate',
                                           config.learning_rate))
-  if (recipe.option(config, 'lr_schedule') == 'plateau'
+  if (config_lib.option(config, 'lr_schedule') == 'plateau'
       and trained_lr != config.learning_rate):
     plateau = callbacks.from_dict(callbacks.PlateauState, meta['plateau'])
     logging.warning(

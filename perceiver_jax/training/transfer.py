@@ -50,17 +50,16 @@ FREE_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'logits_dropout',
 def _model_differences(saved, config):
   """'name: there -> here' for each model field fine-tuning may not change."""
   fields = set(perceiver.RULES) - set(FREE_FIELDS)
-  defaults = perceiver.OPTION_DEFAULTS
   return config_lib.differences(
-      saved, config, defaults=defaults,
+      saved, config, defaults=perceiver.OPTION_DEFAULTS,
       keep=lambda name: name in fields and not resolution.model_fields_match(
-          name, saved, config, defaults))
+          name, saved, config))
 
 
 def statistics_origin(config):
   """The workdir whose statistics this run keeps, or None (its own data)."""
-  if config.get('init_from') and config.get(
-      'init_normalization', OPTION_DEFAULTS['init_normalization']) == 'source':
+  if (config_lib.option(config, 'init_from') and
+      config_lib.option(config, 'init_normalization') == 'source'):
     return config.init_from
   return None
 
@@ -188,8 +187,7 @@ def pretrained_params(config, fresh_params):
   logging.info('Initialised from the %s checkpoint of %s (step %d%s).',
                which, source, step,
                ', EMA weights' if state.get('ema_params') else '')
-  resized = resolution.describe(config_lib.upgrade(saved), config,
-                                perceiver.OPTION_DEFAULTS)
+  resized = resolution.describe(config_lib.upgrade(saved), config)
   if resized:
     logging.info('Fine-tuning at another resolution: %s.', resized)
   return _merge(weights, jax.device_get(fresh_params), source)
