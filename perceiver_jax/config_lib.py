@@ -109,7 +109,7 @@ def _sources():
   from perceiver_jax.training import recipe
   from perceiver_jax.training import sharding
   from perceiver_jax.training import steps
-  from perceiver_jax.training import transfer
+  from perceiver_jax.training import transfer_fields
   # pylint: enable=g-import-not-at-top
   none = lambda values, field: []
   return [
@@ -126,7 +126,7 @@ def _sources():
       (metrics.RULES, {}, none),
       (sharding.RULES, {}, none),
       (steps.RULES, steps.OPTION_DEFAULTS, steps.problems),
-      (transfer.RULES, transfer.OPTION_DEFAULTS, none),
+      (transfer_fields.RULES, transfer_fields.OPTION_DEFAULTS, none),
       (profiling.RULES, profiling.OPTION_DEFAULTS, none),
   ]
 

@@ -1,11 +1,17 @@
 """Config validation: each bad value named with its fix before any compile."""
 
+import pathlib
+import subprocess
+import sys
+
 import pytest
 
 from configs import cifar100
 from configs import fake_data
 from configs import imagenet_perceiver
 from perceiver_jax import config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize('get_config', [
@@ -134,3 +140,12 @@ def test_option_is_the_field_or_its_registered_default():
   with pytest.raises(KeyError, match='latent_dim'):
     config_lib.option(config, 'latent_dim')  # Every config has it.
 
+
+def test_checking_a_config_does_not_import_transfer():
+  """transfer.py asks config_lib; config_lib never needs transfer.py."""
+  code = ('import sys; from configs import cifar100; '
+          'from perceiver_jax import config_lib; '
+          'config_lib.validate(cifar100.get_config()); '
+          'sys.exit("perceiver_jax.training.transfer" in sys.modules)')
+  assert subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                        check=False).returncode == 0

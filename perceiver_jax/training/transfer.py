@@ -16,7 +16,7 @@ The pretrained weights saw their inputs normalised by the source run's
 statistics, so by default (`init_normalization='source'`) the new run keeps
 them, as transfer codebases do; 'recompute' computes the new data's own.
 Either way the new workdir's normalization.json records which, so a resume
-normalises as before.
+normalises as before. The two fields are declared in `transfer_fields.py`.
 """
 
 import logging
@@ -24,7 +24,6 @@ import logging
 import jax
 import numpy as np
 
-from perceiver_jax import checks
 from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.model import perceiver
@@ -33,14 +32,6 @@ from perceiver_jax.training import resolution
 from perceiver_jax.training import sharding as sharding_lib
 from perceiver_jax.training import workdir as workdir_lib
 
-NORMALIZATIONS = ('source', 'recompute')
-RULES = {
-    'init_from': checks.Rule(
-        lambda v: v is None or (isinstance(v, str) and bool(v)),
-        "a trained run's workdir, or unset", '/path/to/imagenet_run'),
-    'init_normalization': checks.one_of(*NORMALIZATIONS),
-}
-OPTION_DEFAULTS = {'init_from': None, 'init_normalization': 'source'}
 # Model fields a fine-tuning run may change: regularisation, memory and
 # initialisation, none of which the pretrained weights depend on.
 FREE_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'logits_dropout',
