@@ -244,8 +244,8 @@ def load(workdir, *, overrides=None, mesh=None):
       path / workdir_lib.CHECKPOINTS, read_only=True)
   try:
     step, which, (state, meta) = checkpointing.restore_tested(
-        manager, config.early_stopping.restore_best_weights,
-        lambda step: checkpointing.restore(manager, step, abstract))
+        manager, config,
+        lambda directory, step: checkpointing.read(directory, step, abstract))
   finally:
     manager.close()
   return TrainedModel(

@@ -167,11 +167,8 @@ def pretrained_params(config, fresh_params):
   manager = checkpointing.create_manager(
       path / workdir_lib.CHECKPOINTS, read_only=True)
   try:
-    restore_best = saved.get('early_stopping', {}).get(
-        'restore_best_weights', True)
     step, which, state = checkpointing.restore_tested(
-        manager, restore_best,
-        lambda step: checkpointing.restore_arrays(manager, step))
+        manager, saved, checkpointing.read_weights)
   finally:
     manager.close()
   weights = state.get('ema_params') or state['params']
