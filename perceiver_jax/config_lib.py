@@ -156,7 +156,7 @@ def option(config, name):
   defaults = _defaults()
   if name not in defaults:
     raise KeyError(name)
-  return config[name] if name in config else defaults[name]
+  return config.get(name, defaults[name])
 
 
 def _lookup(config, name):
