@@ -45,6 +45,13 @@ def _splits(data_builder, config):
       config.validation_split, data_builder.name, test_split)
 
 
+def steps_per_epoch(config, data_builder):
+  """The train steps of an epoch, from the dataset's metadata alone (no
+  record is read): those a `Pipeline` of `config` takes."""
+  return sampler_lib.Sampler(_splits(data_builder, config), 1, [0],
+                             config.batch_size, config.seed).steps_per_epoch
+
+
 def _sum_over_processes(x):
   x = np.asarray(x)
   if jax.process_count() == 1:
@@ -59,11 +66,14 @@ class Pipeline:
     config: the run's config.
     num_shards: the global number of shards (devices).
     shard_indices: the shards this process reads (its devices' positions).
+    data_builder: the prepared dataset's tfds builder
+      (`datasets.prepare`), where the caller has it already.
   """
 
   def __init__(self, config, *, num_shards: int,
-               shard_indices: Sequence[int]):
-    data_builder = datasets.builder(config)
+               shard_indices: Sequence[int], data_builder=None):
+    if data_builder is None:
+      data_builder = datasets.builder(config)
     self.info = datasets.dataset_info(data_builder, config)
     self.sampler = sampler_lib.Sampler(
         _splits(data_builder, config), num_shards, shard_indices,

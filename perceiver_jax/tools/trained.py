@@ -219,7 +219,7 @@ def _abstract_state(config, model, image_shape, mesh):
       abstract, shardings), shardings
 
 
-def load(workdir, *, overrides=None, mesh=None):
+def load(workdir, *, overrides=None, mesh=None, config=None, info=None):
   """Restores the weights a workdir's training tested.
 
   See `checkpointing.select_checkpoint`; a damaged choice is skipped.
@@ -228,14 +228,19 @@ def load(workdir, *, overrides=None, mesh=None):
     workdir: a training run's workdir.
     overrides: config overrides, see `load_config`.
     mesh: where to place the weights; default every device.
+    config: `load_config(workdir, overrides)`, where the caller has it
+      already (then `overrides` is not used).
+    info: `datasets.get_dataset_info(config)`, where the caller has it.
 
   Returns:
     A TrainedModel.
   """
   path = check_workdir(workdir)
-  config = load_config(workdir, overrides)
+  if config is None:
+    config = load_config(workdir, overrides)
   stats = load_stats(workdir)
-  info = datasets.get_dataset_info(config)
+  if info is None:
+    info = datasets.get_dataset_info(config)
   mesh = sharding_lib.create_mesh() if mesh is None else mesh
   model = perceiver.create_model(config, info.num_classes)
   image_shape = (config.image_size, config.image_size, info.channels)

@@ -141,16 +141,22 @@ class Experiment:
     if config.get('init_from') and not workdir_lib.has_checkpoints(
         self.workdir):
       transfer.check_source(config)  # Before any data or compile.
-    datasets.get_dataset_info(config)  # Validates name and features.
+    data_builder = datasets.builder(config)  # Validates the name...
+    datasets.dataset_info(data_builder, config)  # ... and the features.
     self.mesh = sharding_lib.create_mesh()
     sharding_lib.check_batch_size(config.batch_size, self.mesh,
                                   micro_batches=steps.grad_accum_steps(config))
     workdir_lib.write_json(self.workdir / workdir_lib.CONFIG,
                            config.to_dict())
-    datasets.prepare(config)
+    data_builder = datasets.prepare(config, data_builder)
+    # The dataset's metadata gives the steps per epoch: the profile window
+    # is refused before any data is read.
+    profiling.check_window(
+        config, input_pipeline.steps_per_epoch(config, data_builder))
     self.pipeline = input_pipeline.Pipeline(
         config, num_shards=self.mesh.devices.size,
-        shard_indices=sharding_lib.local_shard_indices(self.mesh))
+        shard_indices=sharding_lib.local_shard_indices(self.mesh),
+        data_builder=data_builder)
     self.info = self.pipeline.info  # Class names are known once prepared.
     try:  # From here on a failure must stop the pipeline's workers.
       self._build(config)
@@ -160,7 +166,6 @@ class Experiment:
 
   def _build(self, config):
     """Statistics, model, state, steps, schedule, checkpoints, logs."""
-    # Refuses a profile window past the end before anything compiles.
     self.profile = profiling.Profile(config, self.workdir,
                                      self.pipeline.steps_per_epoch)
     self.stats = normalization_stats(self.workdir, config, self.pipeline,
