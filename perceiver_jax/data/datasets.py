@@ -161,7 +161,7 @@ def prepare(config, data_builder=None):
     data_builder = builder(config)  # Validates before anyone downloads.
   if config.mock_data:
     return data_builder
-  prepared = bool(data_builder.info.splits)
+  prepared = data_builder.is_prepared()
   if jax.process_index() == 0:
     _download_and_prepare(config, data_builder)
   if jax.process_count() > 1:
