@@ -138,8 +138,8 @@ class Experiment:
     self.workdir = workdir_lib.prepare(workdir)
     self.saved_config = workdir_lib.read_json(self.workdir, workdir_lib.CONFIG)
     resume.check_compatible(self.workdir, config, self.saved_config)
-    if config.get('init_from') and not workdir_lib.has_checkpoints(
-        self.workdir):
+    if (config_lib.option(config, 'init_from') and
+        not workdir_lib.has_checkpoints(self.workdir)):
       transfer.check_source(config)  # Before any data or compile.
     data_builder = datasets.builder(config)  # Validates the name...
     datasets.dataset_info(data_builder, config)  # ... and the features.
@@ -201,7 +201,7 @@ class Experiment:
 
   def _fresh_state(self):
     """The initial state, with `config.init_from`'s weights if it is set."""
-    if not self.config.get('init_from'):
+    if not config_lib.option(self.config, 'init_from'):
       return self.state
     params = jax.device_put(
         transfer.pretrained_params(self.config, self.state.params),
