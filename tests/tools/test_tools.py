@@ -14,6 +14,7 @@ import sys
 import types
 import zlib
 
+from configs import fake_data
 import numpy as np
 from PIL import Image
 import pytest
