@@ -1,11 +1,17 @@
 """Config validation: each bad value named with its fix before any compile."""
 
+import pathlib
+import subprocess
+import sys
+
 import pytest
 
 from configs import cifar100
 from configs import fake_data
 from configs import imagenet_perceiver
 from perceiver_jax import config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize('get_config', [
@@ -97,3 +103,49 @@ def test_configs_without_kernel_choices_get_the_defaults():
   del config['attention_form']
   del config['dropout_bits']
   assert config_lib.config_problems(config) == []
+
+
+def test_differences_name_each_differing_leaf():
+  old = {'a': 1, 'ffn_units': [256, 256], 'plateau': {'patience': 3},
+         'same': 'x', 'gone': 2}
+  new = {'a': 2, 'ffn_units': (256, 256), 'plateau': {'patience': 5},
+         'same': 'x', 'fresh': 'y'}
+  assert config_lib.differences(old, new) == [
+      "a: 1 -> 2", "fresh: <unset> -> 'y'", 'gone: 2 -> <unset>',
+      'plateau.patience: 3 -> 5']
+  assert config_lib.differences(old, new, keep=lambda n: n != 'a') == [
+      "fresh: <unset> -> 'y'", 'gone: 2 -> <unset>',
+      'plateau.patience: 3 -> 5']
+
+
+def test_differences_count_a_missing_field_as_its_default():
+  assert config_lib.differences({}, {'remat': False},
+                                defaults={'remat': False}) == []
+  assert config_lib.differences({}, {'remat': True},
+                                defaults={'remat': False}) == [
+                                    'remat: <unset: default False> -> True']
+
+
+def test_option_is_the_field_or_its_registered_default():
+  config = cifar100.get_config()
+  config.grad_accum_steps = 4
+  assert config_lib.option(config, 'grad_accum_steps') == 4
+  del config['grad_accum_steps']
+  del config['host_crop']
+  assert config_lib.option(config, 'grad_accum_steps') == 1  # steps.py's
+  assert config_lib.option(config, 'host_crop') == 'none'  # host_transforms'
+  assert config_lib.option({}, 'profile_steps') == ()  # profiling.py's
+  assert config_lib.option({'attention_form': 'folded'},
+                           'attention_form') == 'folded'
+  with pytest.raises(KeyError, match='latent_dim'):
+    config_lib.option(config, 'latent_dim')  # Every config has it.
+
+
+def test_checking_a_config_does_not_import_transfer():
+  """transfer.py asks config_lib; config_lib never needs transfer.py."""
+  code = ('import sys; from configs import cifar100; '
+          'from perceiver_jax import config_lib; '
+          'config_lib.validate(cifar100.get_config()); '
+          'sys.exit("perceiver_jax.training.transfer" in sys.modules)')
+  assert subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                        check=False).returncode == 0

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow_datasets as tfds
 
+from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.data import host_transforms
 
@@ -95,7 +96,7 @@ def dataset_info(data_builder, config):
   height, width, channels = image.shape
   variable = height is None or width is None
   height, width = host_transforms.served_size(
-      config.get('host_crop', host_transforms.OPTION_DEFAULTS['host_crop']),
+      config_lib.option(config, 'host_crop'),
       height, width, config.image_size)
   return DatasetInfo(
       name=data_builder.name, height=height, width=width, channels=channels,
@@ -118,18 +119,19 @@ def file_format(data_builder):
   return getattr(fmt, 'value', fmt) or TFRECORD
 
 
-def build_command(config):
+def build_command(config, data_builder=None):
   """The shell command that prepares `config.dataset` as ArrayRecord."""
   data_dir = config.get('tfds_data_dir') or '~/tensorflow_datasets'
   manual = config.get('tfds_manual_dir') or 'MANUAL_DIR'
+  if data_builder is None:
+    data_builder = builder(config)
   manual_flag = (f' --manual_dir={manual}'
-                 if builder(config).MANUAL_DOWNLOAD_INSTRUCTIONS else '')
+                 if data_builder.MANUAL_DOWNLOAD_INSTRUCTIONS else '')
   return (f'tfds build {config.dataset} --data_dir={data_dir}{manual_flag} '
           f'--file_format={ARRAY_RECORD}')
 
 
-def _download_and_prepare(config):
-  data_builder = builder(config)
+def _download_and_prepare(config, data_builder):
   manual_dir = config.get('tfds_manual_dir')
   try:
     data_builder.download_and_prepare(
@@ -144,27 +146,40 @@ def _download_and_prepare(config):
     raise errors.InputError(
         f'Dataset {config.dataset!r} is not prepared and must be downloaded '
         f'by hand: {" ".join(instructions.split())} Put them in {where} and '
-        f'rerun, or prepare it once with `{build_command(config)}` '
+        f'rerun, or prepare it once with '
+        f'`{build_command(config, data_builder)}` '
         f'({type(e).__name__}: {str(e).splitlines()[0][:200]}).') from None
 
 
-def prepare(config) -> None:
+def prepare(config, data_builder=None):
   """Downloads and prepares the dataset on first use (no-op when prepared).
 
   New preparations are written as ArrayRecord, which both storages read.
   Process 0 goes first so the download happens once on a shared data dir;
   the others then prepare too, which is a no-op on a shared dir and needed
   on local disks.
+
+  Args:
+    config: the run's config.
+    data_builder: `builder(config)` where the caller has it already.
+
+  Returns:
+    The builder of the prepared dataset: `data_builder` when the data was
+    prepared before it was made, else a new one, which reads the prepared
+    dataset's metadata (split sizes, file format).
   """
-  builder(config)  # Validate before anyone downloads.
+  if data_builder is None:
+    data_builder = builder(config)  # Validates before anyone downloads.
   if config.mock_data:
-    return
+    return data_builder
+  prepared = data_builder.is_prepared()
   if jax.process_index() == 0:
-    _download_and_prepare(config)
+    _download_and_prepare(config, data_builder)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('perceiver_jax.datasets.prepare')
     if jax.process_index() != 0:
-      _download_and_prepare(config)
+      _download_and_prepare(config, data_builder)
+  return data_builder if prepared else builder(config)
 
 
 def check_splits(data_builder, test_split='test'):

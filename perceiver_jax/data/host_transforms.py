@@ -38,6 +38,7 @@ from PIL import Image
 from PIL import UnidentifiedImageError
 
 from perceiver_jax import checks
+from perceiver_jax import config_lib
 
 CROPS = ('none', 'inception')
 # The host transform's options, as the config takes them.
@@ -165,10 +166,9 @@ class HostTransform:
   @classmethod
   def from_config(cls, config, info):
     """The transform of a run's data; `info` a `datasets.DatasetInfo`."""
-    return cls(config.get('host_crop', OPTION_DEFAULTS['host_crop']),
+    return cls(config_lib.option(config, 'host_crop'),
                info.height, info.width, info.channels,
-               config.get('eval_crop_fraction',
-                          OPTION_DEFAULTS['eval_crop_fraction']))
+               config_lib.option(config, 'eval_crop_fraction'))
 
   def _open(self, data):
     """The image, its header read (JPEGs: not decoded, so they can draft)."""

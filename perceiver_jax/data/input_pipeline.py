@@ -20,6 +20,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from perceiver_jax import config_lib
 from perceiver_jax.data import datasets
 from perceiver_jax.data import host_transforms
 from perceiver_jax.data import memory
@@ -36,12 +37,19 @@ def _splits(data_builder, config):
     return {s: ('test' if s == 'test' else 'train', 0, n)
             for s in splits_lib.SPLITS}
   test_split = splits_lib.held_out_split(
-      _option(config, splits_lib, 'test_split'), data_builder.name,
+      config_lib.option(config, 'test_split'), data_builder.name,
       data_builder.info.splits.keys())
   splits = datasets.check_splits(data_builder, test_split)
   return splits_lib.split_ranges(
       splits['train'].num_examples, splits[test_split].num_examples,
       config.validation_split, data_builder.name, test_split)
+
+
+def steps_per_epoch(config, data_builder):
+  """The train steps of an epoch, from the dataset's metadata alone (no
+  record is read): those a `Pipeline` of `config` takes."""
+  return sampler_lib.Sampler(_splits(data_builder, config), 1, [0],
+                             config.batch_size, config.seed).steps_per_epoch
 
 
 def _sum_over_processes(x):
@@ -51,10 +59,6 @@ def _sum_over_processes(x):
   return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
 
 
-def _option(config, module, name):
-  return config.get(name, module.OPTION_DEFAULTS[name])
-
-
 class Pipeline:
   """This process's shards of train / validation / test.
 
@@ -62,11 +66,14 @@ class Pipeline:
     config: the run's config.
     num_shards: the global number of shards (devices).
     shard_indices: the shards this process reads (its devices' positions).
+    data_builder: the prepared dataset's tfds builder
+      (`datasets.prepare`), where the caller has it already.
   """
 
   def __init__(self, config, *, num_shards: int,
-               shard_indices: Sequence[int]):
-    data_builder = datasets.builder(config)
+               shard_indices: Sequence[int], data_builder=None):
+    if data_builder is None:
+      data_builder = datasets.builder(config)
     self.info = datasets.dataset_info(data_builder, config)
     self.sampler = sampler_lib.Sampler(
         _splits(data_builder, config), num_shards, shard_indices,
@@ -76,7 +83,7 @@ class Pipeline:
       if not (multihost_utils.process_allgather(sizes) == sizes).all():
         raise RuntimeError('Processes disagree on the split sizes; do they '
                            'read the same prepared dataset?')
-    self.host_crop = _option(config, host_transforms, 'host_crop')
+    self.host_crop = config_lib.option(config, 'host_crop')
     transform = host_transforms.HostTransform.from_config(config, self.info)
     self.storage = storage_lib.choose(
         config, self.info, sum(self.sampler.sizes.values()), self.host_crop)
@@ -87,10 +94,9 @@ class Pipeline:
       self._source = streaming.StreamingStorage(
           data_builder, config, self.sampler, transform,
           storage_lib.num_workers(config),
-          automatic=_option(config, storage_lib, 'data_workers') == -1)
+          automatic=config_lib.option(config, 'data_workers') == -1)
     self._num_epochs = config.num_epochs
-    self._stats_examples = _option(config, storage_lib,
-                                   'normalization_examples')
+    self._stats_examples = config_lib.option(config, 'normalization_examples')
     self.steps_per_epoch = self.sampler.steps_per_epoch
     self.shard_indices = self.sampler.shard_indices
     self.per_shard_batch = self.sampler.per_shard_batch

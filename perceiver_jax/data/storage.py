@@ -23,6 +23,7 @@ import math
 import os
 
 from perceiver_jax import checks
+from perceiver_jax import config_lib
 
 STORAGES = ('auto', 'memory', 'stream')
 MEMORY_BUDGET_BYTES = 4 * 2**30
@@ -65,7 +66,7 @@ def choose(config, info, num_examples, host_crop):
     num_examples: examples of the three splits together.
     host_crop: the `host_transforms` crop in use.
   """
-  kind = config.get('data_storage', OPTION_DEFAULTS['data_storage'])
+  kind = config_lib.option(config, 'data_storage')
   if config.mock_data:
     return 'memory'  # tfds' mock serves tf.data only.
   if kind != 'auto':
@@ -137,7 +138,7 @@ def usable_cpus():
 def num_workers(config, cpus=None):
   """Worker processes for streaming (`data_workers`; -1: one per usable
   CPU but one, `cpus` if given, else `usable_cpus()`)."""
-  workers = config.get('data_workers', OPTION_DEFAULTS['data_workers'])
+  workers = config_lib.option(config, 'data_workers')
   if workers != -1:
     return workers
   return max(1, (usable_cpus() if cpus is None else cpus) - 1)

@@ -24,6 +24,7 @@ import dataclasses
 from typing import Optional
 
 from perceiver_jax import checks
+from perceiver_jax import config_lib
 from perceiver_jax.model import dropout as dropout_lib
 
 # Values accepted by `jax.nn.dot_product_attention(implementation=...)`.
@@ -35,7 +36,7 @@ RULES = {
     'dropout_bits': dropout_lib.BITS_RULE,
 }
 # Config fields and their defaults (older configs lack the last two).
-CONFIG_DEFAULTS = dict(attention_impl='xla', attention_form='auto',
+OPTION_DEFAULTS = dict(attention_impl='xla', attention_form='auto',
                        dropout_bits='hash')
 
 
@@ -60,5 +61,5 @@ class Compute:
 
 def from_config(config):
   """The `Compute` a ConfigDict asks for."""
-  return Compute(**{name: config.get(name, default)
-                    for name, default in CONFIG_DEFAULTS.items()})
+  return Compute(**{name: config_lib.option(config, name)
+                    for name in OPTION_DEFAULTS})

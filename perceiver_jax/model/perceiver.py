@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from perceiver_jax import checks
+from perceiver_jax import config_lib
 from perceiver_jax.model import attention as attention_lib
 from perceiver_jax.model import blocks
 from perceiver_jax.model import compute as compute_lib
@@ -417,14 +418,14 @@ def create_model(config, num_classes):
     config: ConfigDict with image_size, patch_size, latent_dim, projection_dim,
       num_heads, ffn_units, num_transformer_blocks, num_iterations,
       classifier_units, dropout_rate, attention_dropout_rate and optionally
-      the fields of `OPTION_DEFAULTS` and `compute.CONFIG_DEFAULTS`
+      the fields of `OPTION_DEFAULTS` and `compute.OPTION_DEFAULTS`
       (defaults: the seed's model).
     num_classes: width of the logits.
 
   Returns:
     An unbound `Perceiver`.
   """
-  option = lambda name: config.get(name, OPTION_DEFAULTS[name])
+  option = functools.partial(config_lib.option, config)
   dtype_name = option('dtype')
   try:
     dtype = jnp.dtype(dtype_name)

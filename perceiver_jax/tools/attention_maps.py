@@ -199,8 +199,8 @@ def run(workdir, *, num_images, output=None, num_latents=4,
   output = str(output or
                workdir_lib.path(workdir) / workdir_lib.ATTENTION_MAPS)
   images, labels = first_test_examples(config, num_images)
-  trained = trained_lib.load(
-      workdir, overrides=overrides, mesh=trained_lib.single_device_mesh())
+  trained = trained_lib.load(workdir, mesh=trained_lib.single_device_mesh(),
+                             config=config)
   maps, logits = cross_attention_maps(trained, images, iteration)
   latents = latent_indices(maps.shape[1], num_latents)
   image = render(images, maps, latents, tile)

@@ -103,8 +103,7 @@ def check(config, num_workers=None, progress=True):
         'check. Pass the dataset a run will read (--config.mock_data=False).')
   builder = datasets.builder(config)
   info = datasets.dataset_info(builder, config)
-  test_split = config.get('test_split',
-                          splits_lib.OPTION_DEFAULTS['test_split'])
+  test_split = config_lib.option(config, 'test_split')
   if not builder.info.splits:
     raise errors.InputError(
         f'Dataset {config.dataset!r} is not prepared in {builder.data_dir}; '

@@ -27,14 +27,17 @@ def run(workdir, *, overrides=None):
   config = trained_lib.load_config(workdir, overrides)
   mesh = sharding_lib.create_mesh()
   sharding_lib.check_batch_size(config.batch_size, mesh)
-  trained = trained_lib.load(workdir, overrides=overrides, mesh=mesh)
-  datasets.prepare(config)
+  data_builder = datasets.builder(config)
+  trained = trained_lib.load(workdir, mesh=mesh, config=config,
+                             info=datasets.dataset_info(data_builder, config))
+  data_builder = datasets.prepare(config, data_builder)
   _, eval_step = steps.jit_steps(config, trained.stats, mesh,
                                  trained.state_shardings)
   # eval_step evaluates `recipe.eval_params(state)`, as training's test did.
   with input_pipeline.Pipeline(
       config, num_shards=mesh.devices.size,
-      shard_indices=sharding_lib.local_shard_indices(mesh)) as pipeline:
+      shard_indices=sharding_lib.local_shard_indices(mesh),
+      data_builder=data_builder) as pipeline:
     test = loop.evaluate(eval_step, trained.state, pipeline, 'test', mesh)
   results = {'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
              'test_top5_accuracy': test['top5_accuracy'],

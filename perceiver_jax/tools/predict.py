@@ -165,9 +165,10 @@ def run(workdir, paths: Sequence[str], *, overrides=None, k=TOP_K):
   trained_lib.check_workdir(workdir)
   config = trained_lib.load_config(workdir, overrides)
   # Decode everything first: a bad file fails in seconds, not after loading.
-  images = load_images(paths, config, datasets.get_dataset_info(config))
-  trained = trained_lib.load(
-      workdir, overrides=overrides, mesh=trained_lib.single_device_mesh())
+  info = datasets.get_dataset_info(config)
+  images = load_images(paths, config, info)
+  trained = trained_lib.load(workdir, mesh=trained_lib.single_device_mesh(),
+                             config=config, info=info)
   predictions = predict(trained, paths, k, images=images)
   ema = ', EMA weights' if trained.uses_ema else ''
   print(f'Top {k} classes by the {trained.checkpoint} checkpoint (step '

@@ -23,7 +23,6 @@ from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.data import augment
 from perceiver_jax.data import datasets
-from perceiver_jax.data import host_transforms
 from perceiver_jax.model import perceiver
 from perceiver_jax.training import checkpointing
 from perceiver_jax.training import recipe
@@ -169,8 +168,7 @@ class TrainedModel:
         and images.dtype == np.uint8):
       return images
     height, width, channels = self.input_shape
-    crop = self.config.get('host_crop',
-                           host_transforms.OPTION_DEFAULTS['host_crop'])
+    crop = config_lib.option(self.config, 'host_crop')
     if crop == 'inception':
       view = ('their evaluation view (the shorter side resized to '
               'image_size / eval_crop_fraction, the centre square)')
@@ -221,7 +219,7 @@ def _abstract_state(config, model, image_shape, mesh):
       abstract, shardings), shardings
 
 
-def load(workdir, *, overrides=None, mesh=None):
+def load(workdir, *, overrides=None, mesh=None, config=None, info=None):
   """Restores the weights a workdir's training tested.
 
   See `checkpointing.select_checkpoint`; a damaged choice is skipped.
@@ -230,14 +228,19 @@ def load(workdir, *, overrides=None, mesh=None):
     workdir: a training run's workdir.
     overrides: config overrides, see `load_config`.
     mesh: where to place the weights; default every device.
+    config: `load_config(workdir, overrides)`, where the caller has it
+      already (then `overrides` is not used).
+    info: `datasets.get_dataset_info(config)`, where the caller has it.
 
   Returns:
     A TrainedModel.
   """
   path = check_workdir(workdir)
-  config = load_config(workdir, overrides)
+  if config is None:
+    config = load_config(workdir, overrides)
   stats = load_stats(workdir)
-  info = datasets.get_dataset_info(config)
+  if info is None:
+    info = datasets.get_dataset_info(config)
   mesh = sharding_lib.create_mesh() if mesh is None else mesh
   model = perceiver.create_model(config, info.num_classes)
   image_shape = (config.image_size, config.image_size, info.channels)
@@ -246,8 +249,8 @@ def load(workdir, *, overrides=None, mesh=None):
       path / workdir_lib.CHECKPOINTS, read_only=True)
   try:
     step, which, (state, meta) = checkpointing.restore_tested(
-        manager, config.early_stopping.restore_best_weights,
-        lambda step: checkpointing.restore(manager, step, abstract))
+        manager, config,
+        lambda directory, step: checkpointing.read(directory, step, abstract))
   finally:
     manager.close()
   return TrainedModel(

@@ -169,19 +169,54 @@ RESTORE_BACKOFF_S = 2.0
 _OUTCOMES = (None, failures.DAMAGED, failures.OTHER, failures.TRANSIENT)
 
 
-def read(directory, step, abstract_state):
-  """`restore` by this process alone: without orbax's closing barrier, so a
-  process whose read fails never leaves the others waiting in it."""
+def _alone():
+  """Orbax options for a read by this process alone: without orbax's
+  closing barrier, so a process whose read fails never leaves the others
+  waiting in it (they agree afterwards, `_restore_agreed`)."""
   here = jax.process_index()
-  alone = ocp.options.MultiprocessingOptions(primary_host=here,
-                                             active_processes={here})
+  return ocp.options.MultiprocessingOptions(primary_host=here,
+                                            active_processes={here})
+
+
+def _read_items(directory, step, **items):
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler(),
-                        multiprocessing_options=alone) as checkpointer:
-    restored = checkpointer.restore(
-        epath.Path(directory) / str(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            meta=ocp.args.JsonRestore()))
+                        multiprocessing_options=_alone()) as checkpointer:
+    return checkpointer.restore(epath.Path(directory) / str(step),
+                                args=ocp.args.Composite(**items))
+
+
+def read(directory, step, abstract_state):
+  """`restore` by this process alone (see `_alone`)."""
+  restored = _read_items(directory, step,
+                         state=ocp.args.StandardRestore(abstract_state),
+                         meta=ocp.args.JsonRestore())
   return restored['state'], restored['meta']
+
+
+def read_meta(directory, step):
+  """The meta item of checkpoint `step`, by this process alone."""
+  return _read_items(directory, step, meta=ocp.args.JsonRestore())['meta']
+
+
+# The parts of the train state that are weights: a run that starts from
+# another's (transfer) reads these, not the optimiser state.
+WEIGHTS = ('params', 'ema_params')
+
+
+def read_weights(directory, step):
+  """`{'params', 'ema_params' where kept}` of checkpoint `step` as numpy
+  arrays, unsharded, by this process alone (see `_alone`). Only these are
+  read: another run's optimiser state and devices need not match this
+  run's."""
+  path = epath.Path(directory) / str(step) / 'state'
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(),
+                        multiprocessing_options=_alone()) as checkpointer:
+    tree = checkpointer.metadata(path).item_metadata.tree
+    wanted = {k: tree[k] for k in WEIGHTS if tree.get(k) is not None}
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                        wanted)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=args, partial_restore=True))
 
 
 def _worst(outcome):
@@ -198,8 +233,9 @@ def _describe(error):
   return f'{type(error).__name__}: {str(error)[:500]}'
 
 
-def _restore_agreed(directory, step, abstract_state, attempts, backoff_s):
-  """`(restored, outcome, error)` of `step`, as every process agrees.
+def _restore_agreed(directory, step, read_step, attempts, backoff_s):
+  """`(restored, outcome, error)` of `read_step(directory, step)` (a read by
+  this process alone), as every process agrees.
 
   Every attempt ends in one collective (`_worst`) that all processes enter,
   whatever their read did. While any process failed transiently, all wait
@@ -211,7 +247,7 @@ def _restore_agreed(directory, step, abstract_state, attempts, backoff_s):
   for attempt in range(attempts):
     if restored is None:
       try:
-        restored, error = read(directory, step, abstract_state), None
+        restored, error = read_step(directory, step), None
       except Exception as e:  # pylint: disable=broad-except
         error = e
     outcome = _worst(None if error is None else failures.failure_kind(error))
@@ -247,6 +283,35 @@ def set_aside(manager, step):
   return target
 
 
+def _newest_readable(directory, steps, read_step, what, attempts,
+                     backoff_s):
+  """`(step, restored, failed)`: the first of `steps` whose `read_step`
+  (a read by this process alone) succeeds on every process
+  (`_restore_agreed`), and `failed`, `(step, outcome, description)` of each
+  tried before it, each reported (`what(step)` names it). `step` and
+  `restored` are None when none reads.
+
+  Raises:
+    CheckpointUnavailableError: a transient failure outlasted the attempts.
+  """
+  failed = []
+  for step in steps:
+    restored, outcome, error = _restore_agreed(
+        directory, step, read_step, attempts, backoff_s)
+    if outcome == failures.TRANSIENT:
+      raise CheckpointUnavailableError(
+          f'Checkpoint {directory}/{step} could not be read in {attempts} '
+          f'attempts ({_describe(error)}). That says nothing about its '
+          'files, so nothing was set aside; rerun once the storage (or the '
+          "host's memory) is available again.") from error
+    if outcome is None:
+      return step, restored, failed
+    failed.append((step, outcome, _describe(error)))
+    logging.warning('%s is unreadable (%s: %s); trying the newest other '
+                    'one.', what(step), outcome, failed[-1][2])
+  return None, None, failed
+
+
 def restore_latest(manager, abstract_state, *, attempts=RESTORE_ATTEMPTS,
                    backoff_s=RESTORE_BACKOFF_S):
   """The newest checkpoint that restores, or None when there is none.
@@ -272,22 +337,10 @@ def restore_latest(manager, abstract_state, *, attempts=RESTORE_ATTEMPTS,
   manager.reload()
   directory = manager.directory
   steps = sorted(manager.all_steps(), reverse=True)
-  failed = []  # (step, outcome, description), newest first.
-  for step in steps:
-    restored, outcome, error = _restore_agreed(
-        directory, step, abstract_state, attempts, backoff_s)
-    if outcome == failures.TRANSIENT:
-      raise CheckpointUnavailableError(
-          f'Checkpoint {directory}/{step} could not be read in {attempts} '
-          f'attempts ({_describe(error)}). That says nothing about its '
-          'files, so nothing was set aside; rerun once the storage (or the '
-          "host's memory) is available again.") from error
-    if outcome is None:
-      break
-    failed.append((step, outcome, _describe(error)))
-    logging.warning('Checkpoint %s/%d is unreadable (%s: %s); trying the '
-                    'previous one.', directory, step, outcome, failed[-1][2])
-  else:
+  step, restored, failed = _newest_readable(
+      directory, steps, lambda d, s: read(d, s, abstract_state),
+      lambda s: f'Checkpoint {directory}/{s}', attempts, backoff_s)
+  if step is None:
     if steps:
       raise NoUsableCheckpointError(
           f'None of the checkpoints {steps} in {directory} could be '
@@ -308,90 +361,81 @@ def restore_latest(manager, abstract_state, *, attempts=RESTORE_ATTEMPTS,
   return restored
 
 
-def _newest_meta(manager, steps):
-  """The meta of the newest checkpoint whose meta reads, and its step."""
-  for step in steps:
-    try:
-      return step, manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore()))['meta']
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning('Checkpoint %s/%d is unreadable (%s); trying the '
-                      'previous one.', manager.directory, step, e)
-  raise errors.InputError(
-      f'No checkpoint in {manager.directory} can be read; the run must be '
-      'trained again (or its checkpoints restored from a backup).')
+def restores_best_weights(config):
+  """Whether a run (its ConfigDict or saved config dict) tests, and so
+  serves, its early-stopping best rather than its final weights."""
+  return config.get('early_stopping', {}).get('restore_best_weights', True)
 
 
-def select_checkpoint(manager, restore_best=True):
-  """`(step, description)` of the weights training tested.
+def tested_step(config, best_step, latest, available, directory):
+  """`(step, which)`: the checkpoint holding the weights training tested.
 
-  With `restore_best` (the run's `early_stopping.restore_best_weights`) that
-  is the early-stopping best, which the newest checkpoint's meta records, as
-  training's final test reads it. With no best recorded, or its checkpoint
-  gone, the latest is used, with a warning. Without `restore_best` training
-  tested its final weights: the latest checkpoint.
+  With `restores_best_weights(config)` that is the early-stopping best,
+  `best_step` as the newest meta records it; with no best recorded, or its
+  checkpoint no longer among the `available` steps, the `latest`, with a
+  warning. Without, training tested its final weights: the `latest`.
+  `which` is 'best' or 'latest'.
   """
-  manager.reload()
-  all_steps = sorted(manager.all_steps(), reverse=True)
-  step, meta = _newest_meta(manager, all_steps)
-  if not restore_best:
-    return step, 'latest'
-  best = meta.get(BEST_MARKER)
-  if best is not None and best in all_steps:
-    return best, 'best'
-  reason = ('no epoch has finished, so no best is recorded' if best is None
-            else f'the best checkpoint (step {best}) was deleted')
+  if not restores_best_weights(config):
+    return latest, 'latest'
+  if best_step is not None and best_step in available:
+    return best_step, 'best'
+  reason = ('no epoch has finished, so no best is recorded' if best_step is None
+            else f'the best checkpoint (step {best_step}) was deleted')
   logging.warning('%s in %s; using the latest checkpoint, step %d.',
-                  reason[0].upper() + reason[1:], manager.directory, step)
-  return step, 'latest'
+                  reason[0].upper() + reason[1:], directory, latest)
+  return latest, 'latest'
 
 
-def restore_tested(manager, restore_best, restore_step):
-  """`(step, which, restore_step(step))` for `select_checkpoint`'s choice.
+def select_checkpoint(manager, config, *, attempts=RESTORE_ATTEMPTS,
+                      backoff_s=RESTORE_BACKOFF_S):
+  """`(step, which)` of the weights training tested (`tested_step`), after
+  the newest checkpoint whose meta reads on every process."""
+  manager.reload()
+  directory = manager.directory
+  all_steps = sorted(manager.all_steps(), reverse=True)
+  step, meta, _ = _newest_readable(
+      directory, all_steps, read_meta,
+      lambda s: f'Checkpoint {directory}/{s}', attempts, backoff_s)
+  if step is None:
+    raise errors.InputError(
+        f'No checkpoint in {directory} can be read; the run must be '
+        'trained again (or its checkpoints restored from a backup).')
+  return tested_step(config, meta.get(BEST_MARKER), step, all_steps,
+                     directory)
 
-  A damaged choice is reported and skipped: the next readable checkpoint,
+
+def restore_tested(manager, config, read_step, *,
+                   attempts=RESTORE_ATTEMPTS, backoff_s=RESTORE_BACKOFF_S):
+  """`(step, which, read_step(directory, step))` for `select_checkpoint`'s
+  choice of the run with `config`, as every process agrees.
+
+  `read_step` reads by this process alone (`read`, `read_weights`). A
+  damaged choice is reported and skipped: the next readable checkpoint,
   newest first, is used instead (with a warning, since those are not the
   weights training tested). `which` is 'best', 'latest' or 'last readable'.
   """
-  first = select_checkpoint(manager, restore_best)
-  others = [(s, 'last readable') for s in sorted(manager.all_steps(),
-                                                 reverse=True)
-            if s != first[0]]
-  failures = []
-  for step, which in [first] + others:
-    try:
-      restored = restore_step(step)
-    except Exception as e:  # pylint: disable=broad-except
-      first_line = (str(e).strip().splitlines() or [''])[0][:200]
-      failures.append(f'step {step}: {type(e).__name__}: {first_line}')
-      logging.warning('The %s checkpoint %s/%d is unreadable (%s); trying '
-                      'the newest other one.', which, manager.directory, step,
-                      failures[-1])
-      continue
-    if failures:
-      logging.warning('Using checkpoint %s/%d instead of the %s one: these '
-                      'are not the weights training tested.',
-                      manager.directory, step, first[1])
-    return step, which, restored
-  raise errors.InputError(
-      f'No checkpoint in {manager.directory} could be restored ('
-      + '; '.join(failures) + '). Was the run written by a different version '
-      'of the model or train-state code?')
-
-
-def restore_arrays(manager, step):
-  """The `state` item of checkpoint `step` as numpy arrays, unsharded.
-
-  For reading another run's weights (transfer), whose optimiser state and
-  devices need not match this run's.
-  """
-  path = epath.Path(manager.directory) / str(step) / 'state'
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                      tree)
-  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      restore_args=args))
+  directory = manager.directory
+  first, which = select_checkpoint(manager, config, attempts=attempts,
+                                   backoff_s=backoff_s)
+  others = [s for s in sorted(manager.all_steps(), reverse=True)
+            if s != first]
+  step, restored, failed = _newest_readable(
+      directory, [first] + others, read_step,
+      lambda s: (f'The {which} checkpoint {directory}/{s}' if s == first
+                 else f'Checkpoint {directory}/{s}'), attempts, backoff_s)
+  if step is None:
+    raise errors.InputError(
+        f'No checkpoint in {directory} could be restored ('
+        + '; '.join(f'step {s}: {d}' for s, _, d in failed) + '). Was the '
+        'run written by a different version of the model or train-state '
+        'code?')
+  if failed:
+    logging.warning('Using checkpoint %s/%d instead of the %s one: these '
+                    'are not the weights training tested.', directory, step,
+                    which)
+    which = 'last readable'
+  return step, which, restored
 
 
 def abstract(tree):

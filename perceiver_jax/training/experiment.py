@@ -17,9 +17,7 @@ from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.data import datasets
 from perceiver_jax.data import input_pipeline
-from perceiver_jax.data import host_transforms
 from perceiver_jax.data import splits as splits_lib
-from perceiver_jax.data import storage
 from perceiver_jax.model import perceiver
 from perceiver_jax.training import callbacks
 from perceiver_jax.training import checkpointing
@@ -44,25 +42,12 @@ def data_source(config, pipeline):
                              for s in splits_lib.SPLITS}}
   # Recorded when not the default, so sources recorded before these
   # options existed still match.
-  for module, name in ((host_transforms, 'host_crop'),
-                       (host_transforms, 'eval_crop_fraction'),
-                       (storage, 'normalization_examples')):
-    value = config.get(name, module.OPTION_DEFAULTS[name])
-    if value != module.OPTION_DEFAULTS[name]:
+  defaults = config_lib.added_field_defaults()
+  for name in ('host_crop', 'eval_crop_fraction', 'normalization_examples'):
+    value = config_lib.option(config, name)
+    if value != defaults[name]:
       source[name] = value
   return source
-
-
-def _differences(recorded, current, prefix=''):
-  """'key: recorded -> current' for every leaf where the two differ."""
-  lines = []
-  for key in sorted(set(recorded) | set(current)):
-    a, b = recorded.get(key, '<unset>'), current.get(key, '<unset>')
-    if isinstance(a, dict) and isinstance(b, dict):
-      lines += _differences(a, b, f'{prefix}{key}.')
-    elif a != b:
-      lines.append(f'{prefix}{key}: {a!r} -> {b!r}')
-  return lines
 
 
 _REUSE, _COMPUTE, _REFUSE = 0, 1, 2
@@ -95,7 +80,7 @@ def normalization_stats(workdir, config, pipeline, has_checkpoints):
   elif 'source' not in saved:  # Written before sources were recorded.
     action = _REUSE if has_checkpoints else _COMPUTE
   else:
-    differences = _differences(saved['source'], source)
+    differences = config_lib.differences(saved['source'], source)
     other_data = [d for d in differences if not d.startswith(_ORIGIN)]
     action = (_REUSE if not differences else
               _COMPUTE if not has_checkpoints else
@@ -153,19 +138,25 @@ class Experiment:
     self.workdir = workdir_lib.prepare(workdir)
     self.saved_config = workdir_lib.read_json(self.workdir, workdir_lib.CONFIG)
     resume.check_compatible(self.workdir, config, self.saved_config)
-    if config.get('init_from') and not workdir_lib.has_checkpoints(
-        self.workdir):
+    if (config_lib.option(config, 'init_from') and
+        not workdir_lib.has_checkpoints(self.workdir)):
       transfer.check_source(config)  # Before any data or compile.
-    datasets.get_dataset_info(config)  # Validates name and features.
+    data_builder = datasets.builder(config)  # Validates the name...
+    datasets.dataset_info(data_builder, config)  # ... and the features.
     self.mesh = sharding_lib.create_mesh()
     sharding_lib.check_batch_size(config.batch_size, self.mesh,
                                   micro_batches=steps.grad_accum_steps(config))
     workdir_lib.write_json(self.workdir / workdir_lib.CONFIG,
                            config.to_dict())
-    datasets.prepare(config)
+    data_builder = datasets.prepare(config, data_builder)
+    # The dataset's metadata gives the steps per epoch: the profile window
+    # is refused before any data is read.
+    profiling.check_window(
+        config, input_pipeline.steps_per_epoch(config, data_builder))
     self.pipeline = input_pipeline.Pipeline(
         config, num_shards=self.mesh.devices.size,
-        shard_indices=sharding_lib.local_shard_indices(self.mesh))
+        shard_indices=sharding_lib.local_shard_indices(self.mesh),
+        data_builder=data_builder)
     self.info = self.pipeline.info  # Class names are known once prepared.
     try:  # From here on a failure must stop the pipeline's workers.
       self._build(config)
@@ -175,7 +166,6 @@ class Experiment:
 
   def _build(self, config):
     """Statistics, model, state, steps, schedule, checkpoints, logs."""
-    # Refuses a profile window past the end before anything compiles.
     self.profile = profiling.Profile(config, self.workdir,
                                      self.pipeline.steps_per_epoch)
     self.stats = normalization_stats(self.workdir, config, self.pipeline,
@@ -211,7 +201,7 @@ class Experiment:
 
   def _fresh_state(self):
     """The initial state, with `config.init_from`'s weights if it is set."""
-    if not self.config.get('init_from'):
+    if not config_lib.option(self.config, 'init_from'):
       return self.state
     params = jax.device_put(
         transfer.pretrained_params(self.config, self.state.params),

@@ -209,11 +209,12 @@ def evaluate(eval_step, state, pipeline, split, mesh, after_first_batch=None):
 
 def test(ex, state, meta):
   """Evaluates the best (or final) weights on the test split and reports."""
-  best_step = meta['best_step']
   stopping = _stopping(meta)
-  if (ex.config.early_stopping.restore_best_weights and best_step is not None
-      and best_step != int(state.step)):
-    state, _ = checkpointing.restore(ex.manager, best_step,
+  step, _ = checkpointing.tested_step(
+      ex.config, meta['best_step'], int(state.step), ex.manager.all_steps(),
+      ex.manager.directory)
+  if step != int(state.step):
+    state, _ = checkpointing.restore(ex.manager, step,
                                      checkpointing.abstract(state))
     logging.info('Restored the best weights (epoch %d, val_loss %.4f).',
                  stopping.best_epoch, stopping.best)

@@ -32,8 +32,9 @@ still has to run. The trace is stopped when the window ends, and also when
 the run ends, is preempted or fails inside it (`with Profile(...)`).
 
 A window that ends after the last step of `num_epochs` is refused before
-anything is compiled (`Profile`'s constructor, called once the steps per
-epoch are known): it would never be written. Early stopping can still end a
+any data is read or anything compiled (`check_window`, called as soon as
+the dataset's metadata gives the steps per epoch): it would never be
+written. Early stopping can still end a
 run inside the window; the trace then holds the steps that ran.
 """
 
@@ -43,6 +44,7 @@ import logging
 import jax
 
 from perceiver_jax import checks
+from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.training import workdir as workdir_lib
 
@@ -71,15 +73,42 @@ RULES = {
         '1 compiles) and count >= 0 (0: off)', (10, 5)),
 }
 # Configs saved before profiling existed lack the field: off.
-CONFIG_DEFAULTS = {'profile_steps': ()}
+OPTION_DEFAULTS = {'profile_steps': ()}
 
 
 def window(config):
   """`(first, last)` steps to trace, both included, or None when off."""
-  steps = tuple(config.get('profile_steps', CONFIG_DEFAULTS['profile_steps']))
+  steps = tuple(config_lib.option(config, 'profile_steps'))
   if not steps or not steps[1]:
     return None
   return steps[0], steps[0] + steps[1] - 1
+
+
+def check_window(config, steps_per_epoch):
+  """Refuses a window that ends after the run's last step.
+
+  Called with the config checks, as soon as the steps per epoch are known
+  from the dataset's metadata, before any data is read or anything
+  compiled (`experiment.Experiment`).
+
+  Raises:
+    errors.InputError: the window ends after the run's last step.
+  """
+  steps = window(config)
+  if steps is None:
+    return
+  first, last = steps
+  total = config.num_epochs * steps_per_epoch
+  if last > total:
+    count = min(last - first + 1, max(total - 1, 1))
+    start = max(1, min(first, total - count + 1))
+    raise errors.InputError(
+        f'config.profile_steps={tuple(config.profile_steps)!r} traces steps '
+        f'{first}..{last}, but training ends at step {total} '
+        f'(config.num_epochs={config.num_epochs} x {steps_per_epoch} steps '
+        f'per epoch), so the trace would never be written. Pass a window '
+        f'inside the run, e.g. --config.profile_steps="({start}, {count})",'
+        ' or raise --config.num_epochs.')
 
 
 class Profile:
@@ -90,7 +119,7 @@ class Profile:
   """
 
   def __init__(self, config, workdir, steps_per_epoch):
-    """Refuses a window past the end of training; see the module docstring.
+    """Refuses a window past the end of training (`check_window`).
 
     Args:
       config: the run's config (`profile_steps`, `num_epochs`).
@@ -108,18 +137,8 @@ class Profile:
     self._traced = []  # Numbers of the steps traced so far.
     if self.window is None:
       return
+    check_window(config, steps_per_epoch)
     first, last = self.window
-    total = config.num_epochs * steps_per_epoch
-    if last > total:
-      count = min(last - first + 1, max(total - 1, 1))
-      start = max(1, min(first, total - count + 1))
-      raise errors.InputError(
-          f'config.profile_steps={tuple(config.profile_steps)!r} traces steps '
-          f'{first}..{last}, but training ends at step {total} '
-          f'(config.num_epochs={config.num_epochs} x {steps_per_epoch} steps '
-          f'per epoch), so the trace would never be written. Pass a window '
-          f'inside the run, e.g. --config.profile_steps="({start}, {count})",'
-          ' or raise --config.num_epochs.')
     logging.info('Profiling train steps %d..%d into %s.', first, last,
                  self.log_dir)
 

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from perceiver_jax import checks
+from perceiver_jax import config_lib
 from perceiver_jax.model import encoders
 
 # Field -> the seed's behaviour.
@@ -107,11 +108,6 @@ def problems(values, field=str):
   return out
 
 
-def option(config, name):
-  """`config.<name>`, or the seed's default when the config predates it."""
-  return config.get(name, OPTION_DEFAULTS[name])
-
-
 # --------------------------------------------------------------------------
 # Learning rate.
 
@@ -133,21 +129,21 @@ class LearningRates:
 
   def __init__(self, config, steps_per_epoch):
     self.steps_per_epoch = steps_per_epoch
-    self.uses_plateau = option(config, 'lr_schedule') == 'plateau'
+    self.uses_plateau = config_lib.option(config, 'lr_schedule') == 'plateau'
     self.table = None
     if self.uses_plateau:
       return
     total = config.num_epochs * steps_per_epoch
-    warmup_steps = option(config, 'warmup_epochs') * steps_per_epoch
-    if option(config, 'lr_schedule') == 'warmup_cosine':
+    warmup_steps = config_lib.option(config, 'warmup_epochs') * steps_per_epoch
+    if config_lib.option(config, 'lr_schedule') == 'warmup_cosine':
       schedule = optax.warmup_cosine_decay_schedule(
           init_value=0.0, peak_value=config.learning_rate,
           warmup_steps=warmup_steps, decay_steps=total,
-          end_value=option(config, 'min_learning_rate'))
+          end_value=config_lib.option(config, 'min_learning_rate'))
       self.table = np.asarray(schedule(np.arange(total)), np.float32)
       return
     steps = np.arange(total)
-    decay_epochs = option(config, 'lr_decay_epochs')
+    decay_epochs = config_lib.option(config, 'lr_decay_epochs')
     late = [e for e in decay_epochs if e >= config.num_epochs]
     if late:
       logging.warning('lr_decay_epochs %s: no decay at %s, at or after the '
@@ -156,7 +152,7 @@ class LearningRates:
     boundaries = np.asarray(decay_epochs, np.int64) * steps_per_epoch
     decays = np.searchsorted(boundaries, steps, side='right')
     rates = config.learning_rate * np.power(
-        float(option(config, 'lr_decay_factor')), decays, dtype=np.float64)
+        float(config_lib.option(config, 'lr_decay_factor')), decays, dtype=np.float64)
     if warmup_steps:
       rates *= np.minimum(steps / warmup_steps, 1.0)
     self.table = rates.astype(np.float32)
@@ -243,19 +239,19 @@ def create_optimizer(config):
   conv stem's BatchNorm statistics, `encoders.frozen_mask`) gets zero
   updates for them.
   """
-  mask = decay_mask if option(config, 'weight_decay_mask') == 'kernels' else (
+  mask = decay_mask if config_lib.option(config, 'weight_decay_mask') == 'kernels' else (
       None)
   frozen = encoders.frozen_mask if encoders.has_frozen_parameters(
-      config.get('preprocessor', 'patches')) else None
-  optimizer = option(config, 'optimizer')
+      config_lib.option(config, 'preprocessor')) else None
+  optimizer = config_lib.option(config, 'optimizer')
   return optax.inject_hyperparams(
       _optimizer, static_args=('optimizer', 'momentum', 'mask',
                                'grad_clip_norm', 'frozen'))(
           learning_rate=config.learning_rate,
           eps=1e-8 if optimizer == 'adamw' else 1e-6,
           weight_decay=config.weight_decay, optimizer=optimizer,
-          momentum=float(option(config, 'momentum')), mask=mask,
-          grad_clip_norm=float(option(config, 'grad_clip_norm')),
+          momentum=float(config_lib.option(config, 'momentum')), mask=mask,
+          grad_clip_norm=float(config_lib.option(config, 'grad_clip_norm')),
           frozen=frozen)
 
 
@@ -264,8 +260,8 @@ def create_optimizer(config):
 
 
 def uses_soft_targets(config):
-  return bool(option(config, 'label_smoothing') or
-              option(config, 'mixup_alpha') or option(config, 'cutmix_alpha'))
+  return bool(config_lib.option(config, 'label_smoothing') or
+              config_lib.option(config, 'mixup_alpha') or config_lib.option(config, 'cutmix_alpha'))
 
 
 def train_losses(config, logits, labels, mix=None):
@@ -281,7 +277,7 @@ def train_losses(config, logits, labels, mix=None):
   num_classes = logits.shape[-1]
   smooth = lambda y: optax.smooth_labels(
       jax.nn.one_hot(y, num_classes, dtype=jnp.float32),
-      option(config, 'label_smoothing'))
+      config_lib.option(config, 'label_smoothing'))
   targets = smooth(labels)
   if mix is not None:
     weight, partner_labels = mix
@@ -301,7 +297,7 @@ def ema_update(ema_params, params, decay):
 
 def initial_ema(config, params):
   """EMA params start as the initial params; None (no leaves) when off."""
-  return params if option(config, 'ema_decay') > 0 else None
+  return params if config_lib.option(config, 'ema_decay') > 0 else None
 
 
 def eval_params(state):

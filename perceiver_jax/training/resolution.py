@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 
+from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.data import augment
 
@@ -38,13 +39,12 @@ def grid_size(config):
   return config['image_size'] // config['patch_size']
 
 
-def _fourier_max_resolution(config, defaults):
-  value = config.get('fourier_max_resolution',
-                     defaults['fourier_max_resolution'])
+def _fourier_max_resolution(config):
+  value = config_lib.option(config, 'fourier_max_resolution')
   return value or grid_size(config)
 
 
-def model_fields_match(name, saved, config, defaults):
+def model_fields_match(name, saved, config):
   """Whether model field `name` differs between the source run's config
   (`saved`) and this one only as fine-tuning at another size allows.
 
@@ -55,22 +55,22 @@ def model_fields_match(name, saved, config, defaults):
   if name in FIELDS:
     return True
   if name == 'fourier_max_resolution':
-    return (_fourier_max_resolution(saved, defaults) ==
-            _fourier_max_resolution(config, defaults))
+    return (_fourier_max_resolution(saved) ==
+            _fourier_max_resolution(config))
   return False
 
 
-def describe(saved, config, defaults):
+def describe(saved, config):
   """What changes with the grid, for the log; '' at the source's size."""
   old, new = grid_size(saved), grid_size(config)
   if old == new:
     return ''
   text = (f'image_size {saved["image_size"]} -> {config["image_size"]}: the '
           f'{old}x{old} patch grid becomes {new}x{new}')
-  encoding = config.get('position_encoding', defaults['position_encoding'])
+  encoding = config_lib.option(config, 'position_encoding')
   if encoding == 'fourier':
-    before = _fourier_max_resolution(saved, defaults)
-    after = _fourier_max_resolution(config, defaults)
+    before = _fourier_max_resolution(saved)
+    after = _fourier_max_resolution(config)
     text += (f'; Fourier position features are computed for it, max '
              f'resolution {before} -> {after}')
     if before != after:

@@ -24,7 +24,6 @@ takes effect, none is silently ignored:
 """
 
 import dataclasses
-import json
 import logging
 
 import jax
@@ -32,7 +31,6 @@ import numpy as np
 
 from perceiver_jax import config_lib
 from perceiver_jax.training import callbacks
-from perceiver_jax.training import recipe
 from perceiver_jax.training import workdir as workdir_lib
 
 # Fields that may change when a run resumes: they steer training, logging or
@@ -58,16 +56,6 @@ RESUMABLE_FIELDS = (
 LAYOUT_KEYS = ('batch_size', 'steps_per_epoch', 'num_devices')
 
 
-def _flatten(d, prefix=''):
-  flat = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      flat.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      flat[f'{prefix}{k}'] = v
-  return flat
-
-
 def resume_conflicts(saved, config):
   """Fields where `config` differs from the `saved` config dict of a workdir.
 
@@ -80,28 +68,13 @@ def resume_conflicts(saved, config):
   Returns `(conflicts, allowed)`: lists of 'field: saved -> new' strings, the
   first for fields that forbid resuming, the second for those that may change.
   """
-  saved = _flatten(json.loads(json.dumps(config_lib.upgrade(saved))))
-  new = _flatten(json.loads(json.dumps(config.to_dict())))
-  defaults = json.loads(json.dumps(config_lib.added_field_defaults()))
-  unset = object()
-
-  def value(flat, name):
-    return flat[name] if name in flat else defaults.get(name, unset)
-
-  def shown(flat, name):
-    if name in flat:
-      return repr(flat[name])
-    if name in defaults:
-      return f'<unset: default {defaults[name]!r}>'
-    return '<unset>'
-
-  conflicts, allowed = [], []
-  for name in sorted(set(saved) | set(new)):
-    if value(saved, name) == value(new, name) is not unset:
-      continue
-    line = f'{name}: {shown(saved, name)} -> {shown(new, name)}'
-    resumable = name.split('.')[0] in RESUMABLE_FIELDS
-    (allowed if resumable else conflicts).append(line)
+  saved = config_lib.upgrade(saved)
+  defaults = config_lib.added_field_defaults()
+  resumable = lambda name: name.split('.')[0] in RESUMABLE_FIELDS
+  conflicts = config_lib.differences(
+      saved, config, defaults=defaults, keep=lambda n: not resumable(n))
+  allowed = config_lib.differences(saved, config, defaults=defaults,
+                                   keep=resumable)
   return conflicts, allowed
 
 
@@ -201,7 +174,7 @@ def adopt_config(state, meta, config, saved):
   trained_lr = meta.get('config_learning_rate',
                         (saved or {}).get('learning_rate',
                                           config.learning_rate))
-  if (recipe.option(config, 'lr_schedule') == 'plateau'
+  if (config_lib.option(config, 'lr_schedule') == 'plateau'
       and trained_lr != config.learning_rate):
     plateau = callbacks.from_dict(callbacks.PlateauState, meta['plateau'])
     logging.warning(

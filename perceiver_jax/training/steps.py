@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from perceiver_jax import checks
+from perceiver_jax import config_lib
 from perceiver_jax.data import augment
 from perceiver_jax.data import mixing
 from perceiver_jax.data import randaugment
@@ -56,7 +57,7 @@ def problems(values, field=str):
 
 def grad_accum_steps(config):
   """`config.grad_accum_steps`, or 1 when the config predates it."""
-  return config.get('grad_accum_steps', OPTION_DEFAULTS['grad_accum_steps'])
+  return config_lib.option(config, 'grad_accum_steps')
 
 
 class TrainState(train_state.TrainState):
@@ -147,26 +148,25 @@ def augment_train(augment_key, batch, config, stats):
   draws (flip, zoom) are the same whether they are on or not.
   """
   images = batch['image']
-  num_ops = recipe.option(config, 'randaugment_num_ops')
+  num_ops = config_lib.option(config, 'randaugment_num_ops')
   if num_ops:
     images = randaugment.rand_augment(
         jax.random.fold_in(augment_key, 1), images, num_ops,
-        recipe.option(config, 'randaugment_magnitude'))
-  if config.get('device_augment', augment.OPTION_DEFAULTS['device_augment']
-                ) == 'seed':
+        config_lib.option(config, 'randaugment_magnitude'))
+  if config_lib.option(config, 'device_augment') == 'seed':
     images = augment.preprocess_train(augment_key, images, stats['mean'],
                                       stats['variance'], config.image_size)
   else:  # The host cropped and flipped already (host_crop='inception').
     images = augment.preprocess_eval(images, stats['mean'],
                                      stats['variance'], config.image_size)
-  mixup_alpha = recipe.option(config, 'mixup_alpha')
-  cutmix_alpha = recipe.option(config, 'cutmix_alpha')
+  mixup_alpha = config_lib.option(config, 'mixup_alpha')
+  cutmix_alpha = config_lib.option(config, 'cutmix_alpha')
   if not (mixup_alpha or cutmix_alpha):
     return images, None
   return mixing.mix_batch(
       jax.random.fold_in(augment_key, 2), images, batch['label'],
       mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-      mix_prob=recipe.option(config, 'mix_prob'))
+      mix_prob=config_lib.option(config, 'mix_prob'))
 
 
 def _batch_gradients(apply_fn, params, images, labels, mix, dropout_key,
@@ -261,7 +261,7 @@ def train_step(state, batch, learning_rate, *, config, stats,
       state.apply_fn, state.params, images, batch['label'], mix, dropout_key,
       config, micro_sharding)
   state = set_learning_rate(state, learning_rate).apply_gradients(grads=grads)
-  ema_decay = recipe.option(config, 'ema_decay')
+  ema_decay = config_lib.option(config, 'ema_decay')
   if ema_decay:
     state = state.replace(ema_params=recipe.ema_update(
         state.ema_params, state.params, ema_decay))

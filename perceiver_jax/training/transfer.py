@@ -16,7 +16,7 @@ The pretrained weights saw their inputs normalised by the source run's
 statistics, so by default (`init_normalization='source'`) the new run keeps
 them, as transfer codebases do; 'recompute' computes the new data's own.
 Either way the new workdir's normalization.json records which, so a resume
-normalises as before.
+normalises as before. The two fields are declared in `transfer_fields.py`.
 """
 
 import logging
@@ -24,7 +24,6 @@ import logging
 import jax
 import numpy as np
 
-from perceiver_jax import checks
 from perceiver_jax import config_lib
 from perceiver_jax import errors
 from perceiver_jax.model import perceiver
@@ -33,14 +32,6 @@ from perceiver_jax.training import resolution
 from perceiver_jax.training import sharding as sharding_lib
 from perceiver_jax.training import workdir as workdir_lib
 
-NORMALIZATIONS = ('source', 'recompute')
-RULES = {
-    'init_from': checks.Rule(
-        lambda v: v is None or (isinstance(v, str) and bool(v)),
-        "a trained run's workdir, or unset", '/path/to/imagenet_run'),
-    'init_normalization': checks.one_of(*NORMALIZATIONS),
-}
-OPTION_DEFAULTS = {'init_from': None, 'init_normalization': 'source'}
 # Model fields a fine-tuning run may change: regularisation, memory and
 # initialisation, none of which the pretrained weights depend on.
 FREE_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'logits_dropout',
@@ -48,23 +39,18 @@ FREE_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'logits_dropout',
 
 
 def _model_differences(saved, config):
-  defaults = perceiver.OPTION_DEFAULTS
-  lines = []
-  for name in sorted(set(perceiver.RULES) - set(FREE_FIELDS)):
-    old = saved.get(name, defaults.get(name))
-    new = config.get(name, defaults.get(name))
-    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
-      old, new = list(old), list(new)
-    if old != new and not resolution.model_fields_match(
-        name, saved, config, defaults):
-      lines.append(f'{name}: {old!r} -> {new!r}')
-  return lines
+  """'name: there -> here' for each model field fine-tuning may not change."""
+  fields = set(perceiver.RULES) - set(FREE_FIELDS)
+  return config_lib.differences(
+      saved, config, defaults=perceiver.OPTION_DEFAULTS,
+      keep=lambda name: name in fields and not resolution.model_fields_match(
+          name, saved, config))
 
 
 def statistics_origin(config):
   """The workdir whose statistics this run keeps, or None (its own data)."""
-  if config.get('init_from') and config.get(
-      'init_normalization', OPTION_DEFAULTS['init_normalization']) == 'source':
+  if (config_lib.option(config, 'init_from') and
+      config_lib.option(config, 'init_normalization') == 'source'):
     return config.init_from
   return None
 
@@ -181,19 +167,15 @@ def pretrained_params(config, fresh_params):
   manager = checkpointing.create_manager(
       path / workdir_lib.CHECKPOINTS, read_only=True)
   try:
-    restore_best = saved.get('early_stopping', {}).get(
-        'restore_best_weights', True)
     step, which, state = checkpointing.restore_tested(
-        manager, restore_best,
-        lambda step: checkpointing.restore_arrays(manager, step))
+        manager, saved, checkpointing.read_weights)
   finally:
     manager.close()
   weights = state.get('ema_params') or state['params']
   logging.info('Initialised from the %s checkpoint of %s (step %d%s).',
                which, source, step,
                ', EMA weights' if state.get('ema_params') else '')
-  resized = resolution.describe(config_lib.upgrade(saved), config,
-                                perceiver.OPTION_DEFAULTS)
+  resized = resolution.describe(config_lib.upgrade(saved), config)
   if resized:
     logging.info('Fine-tuning at another resolution: %s.', resized)
   return _merge(weights, jax.device_get(fresh_params), source)

@@ -14,11 +14,13 @@ import sys
 import types
 import zlib
 
+from configs import fake_data
 import numpy as np
 from PIL import Image
 import pytest
 
 from perceiver_jax import errors
+from perceiver_jax.data import datasets
 from perceiver_jax.data import host_transforms
 from perceiver_jax.tools import attention_maps
 from perceiver_jax.tools import evaluate
@@ -304,3 +306,22 @@ def test_attention_png_layout(workdir, tmp_path, capsys):
   with pytest.raises(ValueError, match='--num_images=200 must be between'):
     attention_maps.run(str(path), num_images=200,
                        output=str(tmp_path / 'x.png'))
+
+
+def test_predict_reads_the_config_and_builds_the_dataset_once(
+    workdir, tmp_path, monkeypatch):
+  path, _ = workdir
+  calls = {'config': 0, 'builder': 0}
+  load_config, builder = trained_lib.load_config, datasets.tfds.builder
+
+  def counting(name, real):
+    def call(*args, **kwargs):
+      calls[name] += 1
+      return real(*args, **kwargs)
+    return call
+
+  monkeypatch.setattr(trained_lib, 'load_config',
+                      counting('config', load_config))
+  monkeypatch.setattr(datasets.tfds, 'builder', counting('builder', builder))
+  predict.run(str(path), _write_images(tmp_path)[:1])
+  assert calls == {'config': 1, 'builder': 1}

@@ -182,20 +182,52 @@ def test_select_checkpoint_prefers_the_recorded_best(tmp_path, caplog):
   checkpointing.save(manager, 20, _state(2), {'best_step': 10}, is_best=False)
   checkpointing.save(manager, 25, _state(3), {'best_step': 10})  # Mid-epoch.
   manager.wait_until_finished()
-  assert checkpointing.select_checkpoint(manager) == (10, 'best')
+  best = {'early_stopping': {'restore_best_weights': True}}
+  assert checkpointing.select_checkpoint(manager, best) == (10, 'best')
 
   # No epoch finished: no best is recorded, so the latest, with a warning.
   other = checkpointing.create_manager(tmp_path / 'none', max_to_keep=5)
   checkpointing.save(other, 3, _state(3), {'best_step': None})
   other.wait_until_finished()
   with caplog.at_level('WARNING'):
-    assert checkpointing.select_checkpoint(other) == (3, 'latest')
+    assert checkpointing.select_checkpoint(other, best) == (3, 'latest')
   assert 'latest checkpoint' in caplog.text
   # restore_best_weights=False: training tested its final weights.
-  assert checkpointing.select_checkpoint(manager, restore_best=False) == (
-      25, 'latest')
+  final = {'early_stopping': {'restore_best_weights': False}}
+  assert checkpointing.select_checkpoint(manager, final) == (25, 'latest')
   manager.close()
   other.close()
+
+
+def test_tested_step_is_the_best_only_where_training_tested_it(caplog):
+  best = {'early_stopping': {'restore_best_weights': True}}
+  final = {'early_stopping': {'restore_best_weights': False}}
+  assert checkpointing.tested_step(best, 10, 30, [30, 20, 10], 'd') == (
+      10, 'best')
+  assert checkpointing.tested_step({}, 10, 30, [30, 10], 'd') == (10, 'best')
+  assert checkpointing.tested_step(final, 10, 30, [30, 10], 'd') == (
+      30, 'latest')
+  with caplog.at_level('WARNING'):
+    assert checkpointing.tested_step(best, 10, 30, [30, 20], 'd') == (
+        30, 'latest')
+  assert 'The best checkpoint (step 10) was deleted in d' in caplog.text
+
+
+def test_read_weights_reads_the_weights_alone(tmp_path):
+  manager = checkpointing.create_manager(tmp_path / 'ckpt')
+  state = dict(_state(1), opt_state={'mu': jnp.zeros((1000,))},
+               ema_params={'w': jnp.full((4,), 0.5)})
+  checkpointing.save(manager, 10, state, {})
+  manager.wait_until_finished()
+  weights = checkpointing.read_weights(tmp_path / 'ckpt', 10)
+  assert sorted(weights) == ['ema_params', 'params']
+  assert isinstance(weights['params']['w'], np.ndarray)
+  np.testing.assert_array_equal(weights['ema_params']['w'], [0.5] * 4)
+  checkpointing.save(manager, 20, _state(2), {})  # No EMA.
+  manager.wait_until_finished()
+  assert sorted(checkpointing.read_weights(tmp_path / 'ckpt', 20)) == [
+      'params']
+  manager.close()
 
 
 # --------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import pytest
 import tensorflow as tf
 
 from perceiver_jax import errors
-from perceiver_jax.model import perceiver
 from perceiver_jax.training import resolution
 from perceiver_jax.training import sharding
 from tests.model.test_perceiver_options import param_shapes
@@ -86,9 +85,7 @@ def _config(**fields):
 
 
 def test_image_size_may_differ_and_fourier_frequencies_must_not():
-  defaults = perceiver.OPTION_DEFAULTS
-  match = lambda name, saved, config: resolution.model_fields_match(
-      name, saved, config, defaults)
+  match = resolution.model_fields_match
   assert match('image_size', _config(), _config(image_size=32))
   assert not match('patch_size', _config(), _config(patch_size=2))
   # 0 means the grid: 4 at 16 / 4, so an explicit 4 keeps the frequencies.
@@ -101,18 +98,17 @@ def test_image_size_may_differ_and_fourier_frequencies_must_not():
 
 
 def test_the_log_says_what_follows_the_grid():
-  defaults = perceiver.OPTION_DEFAULTS
-  assert resolution.describe(_config(), _config(), defaults) == ''
-  assert resolution.describe(_config(), _config(image_size=32), defaults) == (
+  assert resolution.describe(_config(), _config()) == ''
+  assert resolution.describe(_config(), _config(image_size=32)) == (
       'image_size 16 -> 32: the 4x4 patch grid becomes 8x8')
   fourier = dict(position_encoding='fourier', fourier_max_resolution=0)
   assert resolution.describe(
-      _config(**fourier), _config(image_size=32, **fourier), defaults) == (
+      _config(**fourier), _config(image_size=32, **fourier)) == (
           'image_size 16 -> 32: the 4x4 patch grid becomes 8x8; Fourier '
           'position features are computed for it, max resolution 4 -> 8 '
           "(their frequencies change; --config.fourier_max_resolution=4 "
           "keeps the source's)")
   kept = dict(fourier, fourier_max_resolution=4)
   assert resolution.describe(
-      _config(**fourier), _config(image_size=32, **kept), defaults).endswith(
+      _config(**fourier), _config(image_size=32, **kept)).endswith(
           'computed for it, max resolution 4 -> 4')
