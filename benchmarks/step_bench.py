@@ -37,7 +37,7 @@ EPOCHS = 45
 
 def architecture(config):
   """What the train state depends on: the config without speed fields."""
-  speed = (*compute_lib.CONFIG_DEFAULTS, 'dtype', 'remat', 'batch_size',
+  speed = (*compute_lib.OPTION_DEFAULTS, 'dtype', 'remat', 'batch_size',
            'learning_rate', 'dropout_rate', 'attention_dropout_rate')
   return json.dumps({k: v for k, v in config.to_dict().items()
                      if k not in speed}, sort_keys=True, default=str)

@@ -1,5 +1,6 @@
 """benchmarks/step_bench.py: the batch sweep, on made-up timings."""
 
+from benchmarks import cases
 from benchmarks import step_bench
 
 
@@ -68,3 +69,14 @@ def test_initial_state_builds_no_train_step(monkeypatch):
   assert first.params is not second.params
   assert all(jax.numpy.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(first.params), jax.tree.leaves(second.params)))
+
+
+def test_architecture_ignores_speed_fields_only():
+  """Programs that differ only in speed options share one train state."""
+  from configs import fake_data  # pylint: disable=g-import-not-at-top
+  config = fake_data.get_config()
+  faster = cases.variant(config, dtype='bfloat16', remat=True,
+                         attention_form='factored', batch_size=64)
+  assert step_bench.architecture(faster) == step_bench.architecture(config)
+  wider = cases.variant(config, latent_dim=16)
+  assert step_bench.architecture(wider) != step_bench.architecture(config)
