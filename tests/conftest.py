@@ -39,6 +39,28 @@ if 'PERCEIVER_TEST_JAX_CACHE' not in os.environ:
 pytest_plugins = ['tests.data.tfds_fixtures', 'tests.gcs_emulator']
 
 
+# The modules that take longest, longest first. pytest-xdist's `--dist
+# loadfile` hands whole modules to the workers in collection order, so these
+# start first and the workers finish together instead of one of them
+# running the longest module alone at the end.
+SLOWEST_MODULES = (
+    'tests/training/test_resilience.py',
+    'tests/training/test_gcs.py',
+    'tests/training/test_multihost.py',
+    'tests/benchmarks/test_device_check.py',
+    'tests/training/test_loop.py',
+    'tests/training/test_recipe.py',
+    'tests/training/test_steps.py',
+    'tests/training/test_grad_accum.py',
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split('::')[0],
+                                       len(rank)))
+
+
 @pytest.fixture(scope='session')
 def cache_dir():
   """The session's persistent compilation cache (see above)."""

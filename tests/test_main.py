@@ -77,7 +77,7 @@ def test_design_command_starts_with_a_default_workdir(tmp_path):
   """`python main.py --config=configs/cifar100.py`, up to the download."""
   stop_at_prepare = (
       'from perceiver_jax.data import datasets\n'
-      'def prepare(config):\n'
+      'def prepare(config, data_builder=None):\n'
       '  print("PREPARE", config.dataset)\n'
       '  sys.exit(0)\n'
       'datasets.prepare = prepare\n'

@@ -61,7 +61,8 @@ def smoke(tmp_path_factory):
   wheel = _wheel(wheels)
   out = tmp_path_factory.mktemp('out')
   env = dict(os.environ, JAX_DEFAULT_PRNG_IMPL='rbg',  # Quicker to compile.
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+             XLA_FLAGS='--xla_force_host_platform_device_count=1 '
+             + os.environ.get('PERCEIVER_TEST_XLA_FLAGS', ''))
   proc = subprocess.run(
       [sys.executable, '-c', HIDE, f'--out={out}', '--smoke',
        f'--wheels={wheels}',

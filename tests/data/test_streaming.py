@@ -8,6 +8,7 @@ of workers at a time serves a run; they hold what the /dev/shm check counts,
 start no jax backend and die with the training process.
 """
 
+import gc
 import glob
 import itertools
 import os
@@ -201,6 +202,10 @@ def test_workers_hold_the_batches_the_shared_memory_check_counts(tiny_jpegs):
   # Closed: all freed but the one held.
   assert len(_segments(size) - before) == 1
   del held
+  gc.collect()
+  deadline = time.monotonic() + 30  # Freed by the array's finaliser.
+  while _segments(size) - before and time.monotonic() < deadline:
+    time.sleep(0.2)
   assert not _segments(size) - before
 
 
