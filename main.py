@@ -110,11 +110,24 @@ flags.DEFINE_enum(
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Hides orbax's per-save INFO chatter; its warnings still show."""
+  """Hides orbax's per-save INFO chatter; its warnings still show.
+
+  Also hides orbax's reports of a full disk (a traceback from each of its
+  writer threads): the run ends with one paragraph that names the path and
+  how to resume (`loop.train_and_evaluate`).
+  """
 
   def filter(self, record):
-    return (record.levelno >= std_logging.WARNING
-            or '/orbax/' not in record.pathname)
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    # pylint: disable-next=g-import-not-at-top
+    from perceiver_jax.training import workdir as workdir_lib
+    error = record.exc_info[1] if record.exc_info else None
+    return (workdir_lib.out_of_space_path(error) is None and
+            workdir_lib.out_of_space_path(
+                RuntimeError(record.getMessage())) is None)
 
 
 def _run_tool(workdir, argv):

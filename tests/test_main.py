@@ -119,3 +119,24 @@ def test_only_input_errors_lose_their_traceback(tmp_path):
   assert 'Traceback' not in bad_input.stderr
   assert bad_input.stderr.strip().endswith(
       'Error: config.x=1 must be 2; pass --config.x=2.')
+
+
+def test_orbax_reports_of_a_full_disk_are_left_to_the_final_paragraph():
+  code = '''
+import errno, logging, sys
+import main
+quiet = main._QuietLibraries()
+def record(level, error=None, message='save failed', path='/x/orbax/y.py'):
+  info = (type(error), error, None) if error else None
+  return logging.LogRecord('absl', level, path, 1, message, (), info)
+full = OSError(errno.ENOSPC, 'No space left on device', '/w/ckpt/2')
+print(quiet.filter(record(logging.ERROR, full)),
+      quiet.filter(record(logging.ERROR, None, "Failed writing: 'x': No "
+                          "space left on device [os_error_code='28']")),
+      quiet.filter(record(logging.ERROR, OSError(errno.EIO, 'I/O error'))),
+      quiet.filter(record(logging.INFO)),
+      quiet.filter(record(logging.ERROR, full, path='/x/perceiver_jax/a.py')))
+'''
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ['False', 'False', 'True', 'False', 'True']

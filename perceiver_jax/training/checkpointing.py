@@ -91,6 +91,10 @@ def save(manager, step, state, meta, *, is_best=None):
 # Room a checkpoint needs beyond its arrays' bytes: orbax's metadata, about
 # 350 bytes per array in its sharding file (measured), and a little more.
 SPACE_MARGIN_BYTES = 64 * 2**10
+# Orbax's OCDBT finalise merges the per-process files into new ones before
+# deleting them, so a save briefly holds its arrays twice (seen on a full
+# tmpfs); 10% more for the format.
+SPACE_FACTOR = 2.2
 SPACE_PER_ARRAY_BYTES = 2**10
 _UNFINISHED = '.orbax-checkpoint-tmp'  # Orbax's name for a save under way.
 
@@ -108,7 +112,7 @@ def _check_space(manager, step, state):
     return
   manager.wait_until_finished()
   leaves = jax.tree.leaves(state)
-  need = (int(1.1 * sum(getattr(x, 'nbytes', 0) for x in leaves))
+  need = (int(SPACE_FACTOR * sum(getattr(x, 'nbytes', 0) for x in leaves))
           + SPACE_PER_ARRAY_BYTES * len(leaves) + SPACE_MARGIN_BYTES)
   free = shutil.disk_usage(directory).free
   short = np.int32(free < need)

@@ -268,7 +268,7 @@ def test_run_resumed_on_another_slice_reads_on_exactly(tmp_path):
 
 _FULL_DISK_SCRIPT = '''
 set -e
-mount -t tmpfs -o size=400k tmpfs "$DISK"
+mount -t tmpfs -o size=800k tmpfs "$DISK"
 "$PYTHON" main.py --config=configs/fake_data.py --workdir="$DISK/run" $FLAGS \
     >"$OUT/full.out" 2>"$OUT/full.err" || echo $? >"$OUT/full.rc"
 find "$DISK/run" >"$OUT/full.files"
@@ -281,7 +281,7 @@ cp -r "$DISK/run" "$OUT/run"
 
 def test_a_full_disk_ends_in_one_paragraph_and_the_rerun_resumes(
     tmp_path, reference):
-  """A real full filesystem: a 400 kB tmpfs in a private mount namespace
+  """A real full filesystem: an 800 kB tmpfs in a private mount namespace
   (`unshare`, no privileges needed), enlarged before the rerun."""
   disk, out = tmp_path / 'disk', tmp_path / 'out'
   disk.mkdir()
