@@ -46,6 +46,7 @@ pytest_plugins = ['tests.data.tfds_fixtures', 'tests.gcs_emulator']
 SLOWEST_MODULES = (
     'tests/training/test_resilience.py',
     'tests/training/test_gcs.py',
+    'tests/training/test_slices.py',
     'tests/training/test_multihost.py',
     'tests/benchmarks/test_device_check.py',
     'tests/training/test_loop.py',
