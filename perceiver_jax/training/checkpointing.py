@@ -137,15 +137,6 @@ def remove_unfinished(directory):
   return names
 
 
-def latest_step(directory):
-  """The newest finished checkpoint's step in `directory`, or None."""
-  directory = epath.Path(directory)
-  if not directory.exists():
-    return None
-  steps = [int(c.name) for c in directory.iterdir() if c.name.isdigit()]
-  return max(steps, default=None)
-
-
 def restore(manager, step, abstract_state):
   """`(state, meta)` of `step`, in the shardings of `abstract_state`."""
   restored = manager.restore(step, args=ocp.args.Composite(

@@ -81,8 +81,9 @@ def _close_after_failure(ex):
 
 def _out_of_space(full, workdir):
   """The paragraph a full disk ends training with."""
-  directory = workdir_lib.path(workdir) / workdir_lib.CHECKPOINTS
-  step = checkpointing.latest_step(directory)
+  workdir = workdir_lib.path(workdir)
+  directory = workdir / workdir_lib.CHECKPOINTS
+  step = max(workdir_lib.finished_steps(workdir), default=None)
   where = f' writing {full}' if full else ''
   resume = (f'it resumes from checkpoint {step} in {directory}' if step
             is not None else 'no checkpoint was written yet, so it starts '
@@ -99,9 +100,10 @@ def train(ex, state, meta, watcher, faults):
   for epoch in range(meta['epoch'], ex.config.num_epochs):
     if _stopping(meta).should_stop:
       break
-    state, step, log, preempted = train_epoch(ex, state, meta, epoch, step,
-                                              batches, watcher, faults)
+    log = _epoch_log(ex, meta, epoch)
     try:
+      state, step, preempted = train_epoch(ex, state, meta, epoch, step,
+                                           batches, watcher, faults, log)
       meta = end_epoch(ex, state, meta, epoch, step, log, faults)
     except BaseException:
       log.close()  # A bar left open prints again at exit, after the error.
@@ -112,48 +114,48 @@ def train(ex, state, meta, watcher, faults):
   return state, meta
 
 
-def train_epoch(ex, state, meta, epoch, step, batches, watcher, faults):
+def _epoch_log(ex, meta, epoch):
+  """The bookkeeping of `epoch`, from the sums `meta` holds of it."""
+  config = ex.config
+  return metrics_lib.EpochLog(ex.writer, epoch, config.num_epochs,
+                              ex.pipeline.steps_per_epoch, meta['epoch_step'],
+                              config.batch_size, config.log_every_steps,
+                              meta['epoch_sums'])
+
+
+def train_epoch(ex, state, meta, epoch, step, batches, watcher, faults, log):
   """The remaining steps of `epoch` from global `step`, fed by `batches`.
 
   The epoch's steps are numbered from 0 (`meta['epoch_step']` of them are
   done); the learning-rate schedule is read at the epoch's position, which
   is the global step unless the batch size changed at an earlier epoch end
-  (`resume.adopt_layout`). Returns `(state, step, log, preempted)`; a
+  (`resume.adopt_layout`). Returns `(state, step, preempted)`; a
   preemption notice before the epoch's last step saves and raises
   `preemption.Preempted` here.
   """
   config, spe = ex.config, ex.pipeline.steps_per_epoch
   plateau_lr = _plateau(meta).learning_rate
-  first = meta['epoch_step']
-  log = metrics_lib.EpochLog(ex.writer, epoch, config.num_epochs, spe, first,
-                             config.batch_size, config.log_every_steps,
-                             meta['epoch_sums'])
   preempted = False
   train_step = ex.profile.wrap(ex.train_step, step)  # config.profile_steps
-  try:
-    for s in range(first, spe):
-      local_batch = next(batches)
-      faults.consumed(step + 1, local_batch)
-      batch = sharding_lib.global_batch(ex.mesh, local_batch)
-      lr = faults.learning_rate(
-          step, ex.learning_rates.at(epoch * spe + s, plateau_lr))
-      state, step_metrics = train_step(state, batch, lr)
-      step += 1
-      preempted = watcher.reached(step)
-      save = s + 1 < spe and (preempted or _save_due(config, step))
-      log.add(step, s + 1, step_metrics, lr, force=save)
-      if save:
-        _save(ex, step, state, dict(meta, epoch_sums=log.sums.flush(),
-                                    epoch_step=s + 1), faults)
-      if preempted and s + 1 < spe:
-        ex.manager.wait_until_finished()
-        log.close()
-        raise preemption.Preempted(step)
-      faults.after_step(step, ex.manager)
-  except BaseException:
-    log.close()  # A bar left open prints again at exit, after the error.
-    raise
-  return state, step, log, preempted
+  for s in range(meta['epoch_step'], spe):
+    local_batch = next(batches)
+    faults.consumed(step + 1, local_batch)
+    batch = sharding_lib.global_batch(ex.mesh, local_batch)
+    lr = faults.learning_rate(
+        step, ex.learning_rates.at(epoch * spe + s, plateau_lr))
+    state, step_metrics = train_step(state, batch, lr)
+    step += 1
+    preempted = watcher.reached(step)
+    save = s + 1 < spe and (preempted or _save_due(config, step))
+    log.add(step, s + 1, step_metrics, lr, force=save)
+    if save:
+      _save(ex, step, state, dict(meta, epoch_sums=log.sums.flush(),
+                                  epoch_step=s + 1), faults)
+    if preempted and s + 1 < spe:
+      ex.manager.wait_until_finished()
+      raise preemption.Preempted(step)  # train() closes the bar.
+    faults.after_step(step, ex.manager)
+  return state, step, preempted
 
 
 def end_epoch(ex, state, meta, epoch, step, log, faults):

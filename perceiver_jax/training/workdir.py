@@ -225,12 +225,22 @@ def read_json(workdir, name):
 COMMIT_SUCCESS = 'commit_success.txt'
 
 
+def finished_steps(workdir):
+  """The workdir's finished checkpoint steps, ascending.
+
+  Locally orbax renames a finished step into place; on GCS it marks it.
+  """
+  directory = epath.Path(workdir) / CHECKPOINTS
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit()
+                and (is_local(p) or (p / COMMIT_SUCCESS).exists()))
+
+
 def has_checkpoints(workdir):
   """True when the workdir holds a finished checkpoint step."""
-  directory = epath.Path(workdir) / CHECKPOINTS
-  return directory.exists() and any(
-      p.name.isdigit() and (is_local(p) or (p / COMMIT_SUCCESS).exists())
-      for p in directory.iterdir())
+  return bool(finished_steps(workdir))
 
 
 def stats_arrays(stats):

@@ -145,13 +145,16 @@ def test_a_killed_runs_mirror_is_taken_over_by_its_rerun(
 
 def test_has_checkpoints_counts_finished_steps_only(folder):
   assert not workdir_lib.has_checkpoints(folder)
+  assert workdir_lib.finished_steps(folder) == []
   step = folder / 'checkpoints' / '4'
   step.mkdir(parents=True)
   (step / 'state').write_text('arrays')
+  (folder / 'checkpoints' / '8.orbax-checkpoint-tmp').mkdir()
   # Locally orbax renames a finished step into place; on GCS it marks it.
   assert workdir_lib.has_checkpoints(folder) == workdir_lib.is_local(folder)
   (step / workdir_lib.COMMIT_SUCCESS).write_text('')
   assert workdir_lib.has_checkpoints(folder)
+  assert workdir_lib.finished_steps(folder) == [4]
 
 
 def test_a_gs_workdir_without_google_cloud_storage_is_refused(
