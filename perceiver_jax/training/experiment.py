@@ -138,9 +138,10 @@ class Experiment:
     self.workdir = workdir_lib.prepare(workdir)
     self.saved_config = workdir_lib.read_json(self.workdir, workdir_lib.CONFIG)
     resume.check_compatible(self.workdir, config, self.saved_config)
-    if (config_lib.option(config, 'init_from') and
-        not workdir_lib.has_checkpoints(self.workdir)):
-      transfer.check_source(config)  # Before any data or compile.
+    # The source run's config, checked before any data or compile.
+    self.source_config = (
+        transfer.check_source(config) if config_lib.option(config, 'init_from')
+        and not workdir_lib.has_checkpoints(self.workdir) else None)
     data_builder = datasets.builder(config)  # Validates the name...
     datasets.dataset_info(data_builder, config)  # ... and the features.
     self.mesh = sharding_lib.create_mesh()
@@ -204,7 +205,8 @@ class Experiment:
     if not config_lib.option(self.config, 'init_from'):
       return self.state
     params = jax.device_put(
-        transfer.pretrained_params(self.config, self.state.params),
+        transfer.pretrained_params(self.config, self.state.params,
+                                   saved=self.source_config),
         self.state_shardings.params)
     ema = None if self.state.ema_params is None else params
     return self.state.replace(params=params, ema_params=ema)

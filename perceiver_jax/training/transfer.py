@@ -146,13 +146,15 @@ def check_source(config):
   return saved
 
 
-def pretrained_params(config, fresh_params):
+def pretrained_params(config, fresh_params, saved=None):
   """`fresh_params` overwritten by the weights of `config.init_from`.
 
   Args:
     config: this run's config.
     fresh_params: this model's freshly initialised parameters (host or
       device arrays); their structure and dtypes are kept.
+    saved: what `check_source(config)` returned, if the caller has it
+      (else it is read and checked here).
 
   Returns:
     numpy parameters.
@@ -161,7 +163,8 @@ def pretrained_params(config, fresh_params):
     errors.InputError: the workdir holds no trained run, or another model,
       or its weights do not fit this model.
   """
-  saved = check_source(config)
+  if saved is None:
+    saved = check_source(config)
   source = config.init_from
   path = workdir_lib.path(source)
   manager = checkpointing.create_manager(

@@ -8,6 +8,8 @@ from perceiver_jax import errors
 from perceiver_jax.data import datasets
 from perceiver_jax.data import input_pipeline
 from perceiver_jax.training import experiment
+from perceiver_jax.training import transfer
+from tests.training.test_transfer import pretrained_workdir
 
 # pylint: disable=redefined-outer-name  (pytest fixtures as arguments)
 
@@ -53,3 +55,24 @@ def test_a_profile_window_past_the_end_is_refused_before_the_data_is_read(
   config.profile_steps = (9, 2)  # Inside the run: the data is opened.
   with pytest.raises(AssertionError, match='the data was opened'):
     experiment.Experiment(config, str(tmp_path / 'run'))
+
+
+def test_a_fine_tuning_run_checks_its_source_once(tmp_path, fake_cifar100,
+                                                  monkeypatch):
+  source = tmp_path / 'source'
+  pretrained_workdir(source, _config(fake_cifar100))
+  checked = []
+  real = transfer.check_source
+
+  def counting(config):
+    checked.append(config.init_from)
+    return real(config)
+
+  monkeypatch.setattr(transfer, 'check_source', counting)
+  ex = experiment.Experiment(_config(fake_cifar100, init_from=str(source)),
+                             str(tmp_path / 'run'))
+  try:
+    ex.restore_or_init()
+  finally:
+    ex.close()
+  assert checked == [str(source)]
